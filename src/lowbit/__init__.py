@@ -1,0 +1,15 @@
+"""lowbit: quantize trained PyTorch models and embedding tables, and measure what it cost.
+
+The public verbs: `quantize`, `plan`, `save`, `load`. Nothing happens at import.
+"""
+__version__ = "0.1.0"
+
+from .api import make_recipe, quantize
+from .io import FormatError, load, save
+from .primitives import QuantizationError, QuantizedWeight, quantize_weight
+from .recipe import Plan, Recipe, RecipeError, Rule, plan
+from .spec import QuantSpec, SchemeError, parse_scheme
+
+__all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
+           "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
+           "quantize", "quantize_weight", "save"]

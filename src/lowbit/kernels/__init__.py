@@ -1,0 +1,1 @@
+"""Fast twins of primitives for this CPU."""

@@ -1,0 +1,32 @@
+"""`QConv2d`: weight-only quantized Conv2d. No packed conv kernel exists on this CPU in torch, so
+the weight is dequantized to fp32 on every call (smaller on disk and in memory at rest, not faster)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives import QuantizedWeight
+from .base import QuantizedModule
+
+
+class QConv2d(QuantizedModule):
+    def __init__(self, qw: QuantizedWeight, conv: torch.nn.Conv2d, method: str = "rtn",
+                 sqnr_db: float | None = None) -> None:
+        super().__init__()
+        self._set_weight(qw, method, sqnr_db)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QConv2d supports padding_mode='zeros' only, found {conv.padding_mode!r}")
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().float(),
+                                                                      requires_grad=False)
+
+    @classmethod
+    def from_float(cls, conv: torch.nn.Conv2d, qw: QuantizedWeight, method: str = "rtn",
+                   sqnr_db: float | None = None) -> "QConv2d":
+        return cls(qw, conv, method, sqnr_db)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)

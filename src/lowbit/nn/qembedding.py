@@ -1,0 +1,40 @@
+"""`QEmbedding`: a row-wise quantized embedding table; lookups unpack only the rows they touch."""
+from __future__ import annotations
+
+import torch
+
+from ..primitives import QuantizedWeight
+from ..primitives.affine import dequantize_codes
+from ..primitives.packing import unpack
+from .base import QuantizedModule
+
+
+class QEmbedding(QuantizedModule):
+    """Each row is packed on its own (per-row scale and zero point, i.e. scale and bias
+    ``bias = -zero_point * scale``), so a lookup gathers packed rows and dequantizes just those."""
+
+    def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None, method: str = "rtn",
+                 sqnr_db: float | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.padding_idx = padding_idx
+        self._set_weight(qw, method, sqnr_db)
+
+    @classmethod
+    def from_float(cls, emb: torch.nn.Embedding, qw: QuantizedWeight, method: str = "rtn",
+                   sqnr_db: float | None = None) -> "QEmbedding":
+        return cls(qw, emb.padding_idx, method, sqnr_db)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q = unpack(self.qdata[flat], self.spec.bits, self.embedding_dim)  # (n, dim)
+        per_tensor = self.scale.shape[0] == 1 and self.num_embeddings != 1
+        scale = self.scale if per_tensor else self.scale[flat]
+        zp = None if self.zero_point is None else (self.zero_point if per_tensor else self.zero_point[flat])
+        groups = scale.shape[1]
+        rows = q.shape[0]
+        if per_tensor:
+            scale = scale.expand(rows, 1)
+            zp = None if zp is None else zp.expand(rows, 1)
+        out = dequantize_codes(q.view(rows, groups, -1), scale, zp, self.spec)  # (n, G, dim // G)
+        return out.reshape(*ids.shape, self.embedding_dim)

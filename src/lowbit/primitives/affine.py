@@ -1,0 +1,110 @@
+"""The affine quantization map: the only rounding and clamping code in lowbit.
+
+Every tensor is handled as a 2-D view ``(rows, cols)`` (a Linear weight is ``(out, in)``, a conv
+weight ``(out, in*kh*kw)``, an embedding table ``(num, dim)``), split into groups along ``cols``::
+
+    tensor   -> (1, 1, rows*cols)
+    channel  -> (rows, 1, cols)          (row: the same axis, the embedding-table name for it)
+    group g  -> (rows, cols // g, g)
+
+Parameters have shape ``(rows, n_groups)`` (``(1, 1)`` per tensor). Codes are unsigned:
+``q = clamp(round(x / scale + zero_point), qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..spec import QuantSpec
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# An asymmetric scale is at least max(|lo|, |hi|) * 2**-9: the zero point then stays within
+# +-(512 + qmax) codes, where float16 resolves it to 0.25 of a code, so a stored zero point never
+# shifts the grid by more than a quarter step (a constant row of 100.0 stays exact to 0.05).
+MIN_RELATIVE_SCALE = 2.0 ** -9
+
+
+class QuantizationError(ValueError):
+    """A tensor that cannot be quantized with a given spec; the message names the tensor."""
+
+
+def scale_dtype(spec: QuantSpec) -> torch.dtype:
+    return _DTYPES[spec.scale_dtype]
+
+
+def code_range(spec: QuantSpec) -> tuple[int, int]:
+    """Smallest and largest code. Symmetric specs drop code 0 so that +-amax are both exact."""
+    return (1 if spec.symmetric else 0), spec.qmax
+
+
+def implicit_zero_point(spec: QuantSpec) -> int:
+    return 1 << (spec.bits - 1)
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    """(d0, d1, ...) -> (d0, d1*...); a 1-D tensor becomes one row."""
+    return x.reshape(1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1)
+
+
+def check_groupable(shape2d: tuple[int, int], spec: QuantSpec, name: str = "tensor") -> None:
+    if spec.granularity == "group" and shape2d[1] % spec.group_size:
+        raise QuantizationError(
+            f"{name}: {shape2d[1]} columns are not divisible by group_size {spec.group_size}")
+
+
+def as_groups(x2d: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> torch.Tensor:
+    """(rows, cols) -> (rows or 1, n_groups, group_len) per the spec's granularity."""
+    rows, cols = x2d.shape
+    check_groupable((rows, cols), spec, name)
+    if spec.granularity == "tensor":
+        return x2d.reshape(1, 1, rows * cols)
+    if spec.granularity == "group":
+        return x2d.reshape(rows, cols // spec.group_size, spec.group_size)
+    return x2d.reshape(rows, 1, cols)
+
+
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (stored dtype) for per-group ranges ``[lo, hi]`` of shape (R, G).
+
+    Constant and all-zero groups get the smallest positive scale, never a division by zero.
+    """
+    dt = scale_dtype(spec)
+    tiny = torch.finfo(dt).tiny
+    lo, hi = lo.float(), hi.float()
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = (amax / (implicit_zero_point(spec) - 1)).clamp(min=tiny).to(dt)
+        return scale, None
+    lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    floor = torch.maximum(lo.abs(), hi.abs()) * MIN_RELATIVE_SCALE
+    scale = torch.maximum((hi - lo) / spec.qmax, floor).clamp(min=tiny).to(dt)
+    zero_point = (-lo / scale.float()).to(dt)
+    return scale, zero_point
+
+
+def quantize_codes(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   spec: QuantSpec) -> torch.Tensor:
+    """Grouped floats (R, G, S) -> uint8 codes (R, G, S)."""
+    qmin, qmax = code_range(spec)
+    zp = _zp(zero_point, spec)
+    q = torch.round(xg.float() / scale.float().unsqueeze(-1) + zp)
+    return q.clamp_(qmin, qmax).to(torch.uint8)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 codes (R, G, S) -> floats (R, G, S): ``(q - zero_point) * scale``."""
+    zp = _zp(zero_point, spec)
+    return ((q.float() - zp) * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def _zp(zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | float:
+    if spec.symmetric:
+        return float(implicit_zero_point(spec))
+    return zero_point.float().unsqueeze(-1)
+
+
+def fake_quantize_groups(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                         spec: QuantSpec) -> torch.Tensor:
+    """Round trip (R, G, S) -> (R, G, S) in float32."""
+    return dequantize_codes(quantize_codes(xg, scale, zero_point, spec), scale, zero_point, spec)
