@@ -22,7 +22,7 @@ def make_recipe(scheme: "str | QuantSpec | Recipe", targets: Sequence[str] | Non
         if targets is not None or ignore:
             raise ValueError("pass targets/ignore inside the Recipe's rules, not next to it")
         return scheme
-    rule = Rule(tuple(targets or DEFAULT_TARGETS), scheme, tuple(ignore), method)
+    rule = Rule(targets or DEFAULT_TARGETS, scheme, ignore, method)
     return Recipe((rule,), skip_output_head=targets is None)
 
 

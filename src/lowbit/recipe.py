@@ -31,8 +31,8 @@ class Rule:
     method: str = "rtn"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "targets", _names(self.targets))
+        object.__setattr__(self, "ignore", _names(self.ignore))
         object.__setattr__(self, "spec", parse_scheme(self.spec))
         if not self.targets:
             raise RecipeError("a Rule needs at least one target")
@@ -71,6 +71,11 @@ class Recipe:
     def from_json(cls, text: str) -> "Recipe":
         d = json.loads(text)
         return cls(tuple(Rule.from_dict(r) for r in d["rules"]), d.get("skip_output_head", True))
+
+
+def _names(x: "str | tuple[str, ...] | list[str]") -> tuple[str, ...]:
+    """A single name is a one-element tuple, never a tuple of its characters."""
+    return (x,) if isinstance(x, str) else tuple(x)
 
 
 def matches(pattern: str, name: str, module: torch.nn.Module) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 GRANULARITIES = ("tensor", "channel", "group", "row")
 RANGE_METHODS = ("minmax", "percentile", "mse", "greedy")
 SCALE_DTYPES = ("float16", "float32")
+DEFAULT_PERCENTILE = 99.9
 ALIASES = {"int8": "w8a8", "int4": "w4g128"}
 _GRAN_LETTER = {"c": "channel", "r": "row", "t": "tensor", "": "channel"}
 
@@ -57,13 +58,15 @@ class QuantSpec:
     group_size: int | None = None
     scale_dtype: str = "float16"
     range_method: str = "minmax"
-    percentile: float = 99.9
+    percentile: float = 99.9  # DEFAULT_PERCENTILE
     act_bits: int | None = None
     act_static: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise SchemeError(f"bits must be an integer in 2..8, found {self.bits!r}")
+        if not isinstance(self.symmetric, bool):
+            raise SchemeError(f"symmetric must be True or False, found {self.symmetric!r}")
         if self.granularity not in GRANULARITIES:
             raise SchemeError(f"granularity must be one of {GRANULARITIES}, found {self.granularity!r}")
         if (self.granularity == "group") != (self.group_size is not None):
@@ -77,8 +80,13 @@ class QuantSpec:
             raise SchemeError(f"range_method must be one of {RANGE_METHODS}, found {self.range_method!r}")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SchemeError(f"percentile must be in (50, 100], found {self.percentile!r}")
+        if self.range_method != "percentile" and float(self.percentile) != DEFAULT_PERCENTILE:
+            raise SchemeError(f"percentile={self.percentile!r} is set but range_method is "
+                              f"{self.range_method!r}, not 'percentile'")
         if self.act_bits not in (None, 8):
             raise SchemeError(f"act_bits must be None or 8, found {self.act_bits!r}")
+        if self.act_static and not self.act_bits:
+            raise SchemeError("act_static=True needs act_bits")
 
     @property
     def qmax(self) -> int:
@@ -94,7 +102,7 @@ class QuantSpec:
         if self.symmetric != _default_symmetric(self.bits, self.granularity):
             out += "-sym" if self.symmetric else "-asym"
         if self.range_method == "percentile":
-            out += f"-p{self.percentile:g}"
+            out += "-p" + repr(float(self.percentile)).removesuffix(".0")
         elif self.range_method != "minmax":
             out += f"-{self.range_method}"
         if self.scale_dtype != "float16":

@@ -21,6 +21,8 @@ _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # +-(512 + qmax) codes, where float16 resolves it to 0.25 of a code, so a stored zero point never
 # shifts the grid by more than a quarter step (a constant row of 100.0 stays exact to 0.05).
 MIN_RELATIVE_SCALE = 2.0 ** -9
+# The smallest scale stored: float16's smallest subnormal keeps tiny groups (amax ~1e-4) usable.
+SMALLEST_SCALE = {"float16": 2.0 ** -24, "float32": torch.finfo(torch.float32).tiny}
 
 
 class QuantizationError(ValueError):
@@ -69,7 +71,7 @@ def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
     Constant and all-zero groups get the smallest positive scale, never a division by zero.
     """
     dt = scale_dtype(spec)
-    tiny = torch.finfo(dt).tiny
+    tiny = SMALLEST_SCALE[spec.scale_dtype]
     lo, hi = lo.float(), hi.float()
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())

@@ -56,6 +56,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dtype != torch.uint8 or codes.dim() != 2:
         raise PackingError(f"pack expects a 2-D uint8 tensor, found {codes.dim()}-D {codes.dtype}")
     per, nbytes = _unit(bits)
+    if codes.numel() and int(codes.max()) >> bits:
+        raise PackingError(f"code {int(codes.max())} does not fit in {bits} bits")
     rows, cols = codes.shape
     pad = (-cols) % per
     c = torch.nn.functional.pad(codes, (0, pad)).to(torch.int32).reshape(rows, -1, per)

