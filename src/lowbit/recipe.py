@@ -115,8 +115,12 @@ def plan(model: torch.nn.Module, recipe: Recipe) -> Plan:
         rule = _rule_for(recipe, name, module)
         if rule is None:
             continue
-        why = "output head (kept in float; name it in targets with skip_output_head=False)" \
-            if name == head else unsupported_reason(module, rule.spec)
+        if name == "":
+            why = "the model itself is the layer; wrap it (nn.Sequential(model)) so it can be swapped"
+        elif name == head:
+            why = "output head (kept in float; name it in targets with skip_output_head=False)"
+        else:
+            why = unsupported_reason(module, rule.spec)
         if why:
             skipped[name] = why
         else:

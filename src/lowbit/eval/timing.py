@@ -1,0 +1,38 @@
+"""Side-by-side timing: methods interleaved round by round, reported as median and min."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    rounds: int
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 1,
+                budget_s: float | None = None) -> dict[str, Timing]:
+    """Time each callable once per round, in turn, so machine noise hits all of them alike.
+
+    Stops early (after at least 3 rounds) when ``budget_s`` seconds have passed.
+    """
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        start = time.perf_counter()
+        for r in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+                break
+    return {k: Timing(statistics.median(v), min(v), len(v)) for k, v in samples.items()}
