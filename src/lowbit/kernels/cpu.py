@@ -42,13 +42,23 @@ def int8_supported(qw: QuantizedWeight) -> bool:
     return s.bits == 8 and s.symmetric and s.granularity == "channel" and len(qw.shape) == 2
 
 
-def choose_path(qw: QuantizedWeight, rows: int) -> str:
-    """The path for ``rows`` activation rows (the product of all but the last input dim)."""
-    if int4_supported(qw):
+def kernel_kind(qw: QuantizedWeight) -> str | None:
+    """Which packed kernel a weight can use: "int4", "int8" or None."""
+    return "int4" if int4_supported(qw) else "int8" if int8_supported(qw) else None
+
+
+def path_for_kind(kind: str | None, rows: int) -> str:
+    """The path for ``rows`` activation rows given `kernel_kind` (cheap: called every forward)."""
+    if kind == "int4":
         return "int4mm" if rows <= INT4_MAX_ROWS else "f32"
-    if int8_supported(qw):
+    if kind == "int8":
         return "int8mm" if rows <= INT8_MAX_ROWS else "f32"
     return "ref"
+
+
+def choose_path(qw: QuantizedWeight, rows: int) -> str:
+    """The path for ``rows`` activation rows (the product of all but the last input dim)."""
+    return path_for_kind(kernel_kind(qw), rows)
 
 
 def path_supported(qw: QuantizedWeight, path: str) -> bool:

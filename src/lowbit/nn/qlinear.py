@@ -25,15 +25,16 @@ class QLinear(QuantizedModule):
         self._build_runtime(qw)
 
     def _build_runtime(self, qw: QuantizedWeight) -> None:
-        if cpu.int4_supported(qw):
+        self._kind = cpu.kernel_kind(qw)
+        if self._kind == "int4":
             packed, sz = cpu.prepare_int4(qw)
             self.register_buffer("_k_weight", packed, persistent=False)
             self.register_buffer("_k_scales", sz, persistent=False)
-        elif cpu.int8_supported(qw):
+        elif self._kind == "int8":
             w8, s8 = cpu.prepare_int8(qw)
             self.register_buffer("_k_weight", w8, persistent=False)
             self.register_buffer("_k_scales", s8, persistent=False)
-        if cpu.int4_supported(qw) or cpu.int8_supported(qw):
+        if self._kind is not None:
             scale, offset = cpu.f32_params(qw)
             self.register_buffer("_f32_scale", scale, persistent=False)
             self.register_buffer("_f32_offset", offset, persistent=False)
@@ -51,7 +52,7 @@ class QLinear(QuantizedModule):
         self.force_path = path
 
     def path_for(self, rows: int) -> str:
-        return self.force_path or cpu.choose_path(self.qweight, rows)
+        return self.force_path or cpu.path_for_kind(self._kind, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
