@@ -34,6 +34,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .models import copy_side_files, load_transformers, resolve_model_dir
     from .recipe import Recipe, Rule
+    from .spec import parse_scheme
+    for scheme_text in filter(None, (args.scheme, args.embeddings)):
+        parse_scheme(scheme_text)  # a typo fails before the model is loaded
     src = resolve_model_dir(args.path)
     model, _ = load_transformers(src)
     scheme = args.scheme

@@ -11,6 +11,7 @@ The safetensors header's ``__metadata__`` holds one entry, ``lowbit``, a JSON do
      "layers": {name: {"class": "QLinear", "spec": {...QuantSpec...}, "method": "rtn",
                        "shape": [out, in], "sqnr_db": 31.2}},
      "tied": {alias_key: stored_key},
+     "nonpersistent": [buffer names outside the state dict, stored so meta skeletons complete],
      "tensors_sha256": "<sha256 over every tensor's key, dtype, shape and bytes, in key order>",
      "provenance": {"lowbit_version", "torch_version", "scheme", "method", "source_sha256", ...},
      "model": {"transformers_class": "BertModel"}}     (only for transformers models)

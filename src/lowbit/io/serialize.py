@@ -21,8 +21,18 @@ from ..primitives.packing import PACKING_VERSION
 
 
 def weights_path(path: str | os.PathLike) -> Path:
+    """A folder means its model.safetensors; a file (or a *.safetensors name) means itself."""
     p = Path(path)
-    return p if p.suffix == ".safetensors" else p / WEIGHTS_NAME
+    return p if p.suffix == ".safetensors" or p.is_file() else p / WEIGHTS_NAME
+
+
+def nonpersistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers outside the state dict (e.g. BERT's position_ids), except quantized modules' kernel
+    forms. Saved so that a skeleton built on the meta device can be completed."""
+    skip = {n for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
+    state = model.state_dict(keep_vars=True)
+    return {n: b for n, b in model.named_buffers()
+            if n not in state and n.rpartition(".")[0] not in skip}
 
 
 def layer_table(model: torch.nn.Module) -> dict[str, dict]:
@@ -36,9 +46,11 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     gets its config). The file is written under a temporary name and renamed when complete."""
     target = weights_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tensors, tied = dedupe_tied(model.state_dict())
+    extra = nonpersistent_buffers(model)
+    tensors, tied = dedupe_tied({**model.state_dict(), **extra})
     doc = {"format_version": FORMAT_VERSION, "packing_version": PACKING_VERSION,
-           "layers": layer_table(model), "tied": tied, "tensors_sha256": tensors_sha256(tensors),
+           "layers": layer_table(model), "tied": tied, "nonpersistent": sorted(extra),
+           "tensors_sha256": tensors_sha256(tensors),
            "provenance": _provenance(model)}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
@@ -91,13 +103,27 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     if model is None:
         model = _rebuild_transformers(doc, target)
     plan, weights, sqnr = _plan_from_header(doc, tensors, model, str(target))
+    buffers = {k: tensors.pop(k) for k in doc.get("nonpersistent", []) if k in tensors}
     apply(model, plan, weights=weights, sqnr=sqnr)
+    _restore_buffers(model, buffers, str(target))
     _load_rest(model, tensors, str(target))
     _retie(model, doc["tied"])
     model.lowbit_source = {k: v for k, v in doc.get("provenance", {}).items()
                            if k in ("scheme", "method", "source_sha256")}
     model.eval()
     return model
+
+
+def _restore_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor], path: str) -> None:
+    for name, value in buffers.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        current = getattr(owner, attr, None)
+        if current is None or tuple(current.shape) != tuple(value.shape):
+            found = "nothing" if current is None else tuple(current.shape)
+            raise FormatError(f"{path}: buffer {name!r}: the file holds shape {tuple(value.shape)}, "
+                              f"the model has {found}")
+        owner.register_buffer(attr, value, persistent=False)
 
 
 def _retie(model: torch.nn.Module, tied: dict[str, str]) -> None:

@@ -1,0 +1,1 @@
+"""Integration tests: real models, the CLI, end to end (package marker avoids test-module name clashes)."""
