@@ -95,7 +95,7 @@ def format_table(rows: list[DemoRow]) -> str:
         lines.append(f"{r.scheme:<13}{r.size_mb:>9.1f}{r.ratio:>8.3f}{r.b64_ms:>9.1f}{r.b1_ms:>8.2f}"
                      f"{r.cos_mean:>10.5f}{r.cos_min:>9.5f}{r.spearman:>11.4f}")
     lines.append(f"latency: median of interleaved rounds; b64 = 64 sentences, b1 = one sentence; "
-                 f"{torch.get_num_threads()} threads. fp32 WordSim-353 Spearman {fp32.spearman:.4f}.")
+                 f"{torch.get_num_threads()} thread(s). fp32 WordSim-353 Spearman {fp32.spearman:.4f}.")
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ class QLinear(QuantizedModule):
         elif path == "int8mm":
             y = cpu.int8_linear(x2d, self._k_weight, self._k_scales)
         if path in ("int4mm", "int8mm"):
-            y = y.float() if self.bias is None else torch.add(self.bias, y.float())
+            y = y.float() if self.bias is None else torch.add(self.bias, y)  # promotes bf16 -> fp32
         elif path == "f32":
             y = cpu.f32_linear(x2d, self.qweight, self._f32_scale, self._f32_offset, self.bias)
         else:
