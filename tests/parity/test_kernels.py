@@ -217,7 +217,8 @@ def test_unforced_forward_uses_the_chosen_path(scheme, taken):
     qw = quantize_weight(make_weight(n, k, seed=5), parse_scheme(scheme))
     lin = QLinear(qw, None)
     g = seeded(6)
-    for m in (1, cpu.INT8_MAX_ROWS, cpu.INT8_MAX_ROWS + 1, cpu.INT4_MAX_ROWS, cpu.INT4_MAX_ROWS + 1, 300):
+    limit = cpu.max_rows(cpu.kernel_kind(qw), n * k)
+    for m in sorted({1, max(limit, 1), limit + 1, 300}):
         x = torch.randn(m, k, generator=g)
         chosen = cpu.choose_path(qw, m)
         assert lin.path_for(m) == chosen
@@ -310,25 +311,54 @@ def test_choose_path_int4(scheme):
     qw = quantize_weight(make_weight(32, 512, seed=7), parse_scheme(scheme))
     assert cpu.int4_supported(qw)
     assert cpu.path_supported(qw, "f32")
-    for rows in (1, 7, cpu.INT8_MAX_ROWS, cpu.INT8_MAX_ROWS + 1, cpu.INT4_MAX_ROWS):
+    limit = cpu.max_rows("int4", 32 * 512)
+    assert limit == 48
+    for rows in (1, 7, limit):
         assert cpu.choose_path(qw, rows) == "int4mm"
-    for rows in (cpu.INT4_MAX_ROWS + 1, 300, 10_000):
+    for rows in (0, limit + 1, 300, 10_000):
         assert cpu.choose_path(qw, rows) == "f32"
 
 
 def test_choose_path_int8():
-    qw = quantize_weight(make_weight(24, 40, seed=8), parse_scheme("w8"))
+    qw = quantize_weight(make_weight(24, 48, seed=8), parse_scheme("w8"))
     assert cpu.int8_supported(qw)
     assert cpu.path_supported(qw, "f32")
-    for rows in (1, 7, cpu.INT8_MAX_ROWS):
+    limit = cpu.max_rows("int8", 24 * 48)
+    assert limit == 32
+    for rows in (1, 7, limit):
         assert cpu.choose_path(qw, rows) == "int8mm"
-    for rows in (cpu.INT8_MAX_ROWS + 1, cpu.INT4_MAX_ROWS, cpu.INT4_MAX_ROWS + 1, 300):
+    for rows in (0, limit + 1, 300):
         assert cpu.choose_path(qw, rows) == "f32"
 
 
 def test_thresholds_are_the_benchmarked_values():
-    # benchmarks/kernel_paths.py (BENCHMARKS.md): packed int4 wins up to 128 rows, int8 up to 64
-    assert (cpu.INT4_MAX_ROWS, cpu.INT8_MAX_ROWS) == (128, 64)
+    # benchmarks/kernel_paths.py (BENCHMARKS.md): crossovers by weight size
+    assert [cpu.max_rows("int4", n) for n in (384 * 384, 384 * 1536, 1024 * 4096, 4096 * 4096)] == \
+        [48, 48, 96, 192]
+    assert [cpu.max_rows("int8", n) for n in (384 * 384, 384 * 1536, 1024 * 4096, 4096 * 4096)] == \
+        [32, 32, 48, 160]
+    assert cpu.max_rows(None, 10) == 0
+
+
+@pytest.mark.parametrize("k", [40, 100, 104, 120])
+def test_int8_kernel_refused_when_in_features_not_multiple_of_16(k):
+    """torch 2.13's _weight_int8pack_mm returns garbage or crashes for K % 16 != 0."""
+    qw = quantize_weight(make_weight(32, k, seed=11), parse_scheme("w8"))
+    assert not cpu.int8_supported(qw)
+    assert cpu.choose_path(qw, 1) == "ref"
+    lin = QLinear(qw, None)
+    x = torch.randn(2, k, generator=seeded(12))
+    assert torch.equal(lin(x), cpu.ref_linear(x, qw))
+
+
+def test_empty_batch_and_non_contiguous_input():
+    qw4 = quantize_weight(make_weight(32, 256, seed=13), parse_scheme("w4g128"))
+    qw8 = quantize_weight(make_weight(32, 256, seed=13), parse_scheme("w8"))
+    for qw in (qw4, qw8):
+        lin = QLinear(qw, None)
+        assert lin(torch.zeros(0, 256)).shape == (0, 32)
+        x = torch.randn(256, 6, generator=seeded(14)).t()  # (6, 256), not contiguous
+        assert torch.equal(lin(x), lin(x.contiguous()))
 
 
 @pytest.mark.parametrize("scheme,shape", [

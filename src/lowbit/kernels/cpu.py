@@ -3,10 +3,11 @@
 Measured on this CPU (torch 2.13, AVX-512; benchmarks/kernel_paths.py, BENCHMARKS.md): the aten
 int4/int8 weight-packed matmuls are fast only with **bfloat16** activations (with float32
 activations they are 4-50x slower than fp32), so those paths cast activations to bf16 and the
-output back. They beat fp32 only for few activation rows (about 0.3-0.8x of fp32's time at M <= 8
-on 1024x4096 and larger weights); from M ~ 128 up, dequantizing to fp32 on every call and running
-the fp32 matmul is the fastest quantized path (1.05-1.2x of fp32). A bf16 matmul on a dequantized
-weight is about 2x *slower* than fp32 here, so lowbit has no bf16-matmul path.
+output back. They beat fp32 only for few activation rows (0.3-0.5x of fp32's time at M <= 8 on
+1024x4096 and larger weights); above a crossover that grows with the weight (`MAX_ROWS`),
+dequantizing to fp32 on every call and running the fp32 matmul is the fastest quantized path
+(1.05-1.2x of fp32 at M >= 512). A bf16 matmul on a dequantized weight is about 1.8x *slower* than
+fp32 here (no AMX), so lowbit has no bf16-matmul path.
 
 Paths (chosen per call by `choose_path` from the number of activation rows M):
   ``int4mm``  aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
@@ -24,10 +25,12 @@ from ..primitives import QuantizedWeight
 from ..primitives.affine import implicit_zero_point
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Up to these many activation rows the packed kernels beat dequantize-then-fp32 here; above them
-# the f32 path wins (benchmarks/kernel_paths.py, 1 thread, shapes 384x384 .. 4096x4096).
-INT4_MAX_ROWS = 128
-INT8_MAX_ROWS = 64
+# Up to this many activation rows the packed kernel beats dequantize-then-fp32 here, by weight size
+# (in x out elements); above it the f32 path wins. Crossovers measured with
+# benchmarks/kernel_paths.py (1 and 2 threads agree within ~15%): int4 ~48-60 rows on 384x384 ..
+# 384x1536, ~100 on 1024x4096, ~200 on 4096x4096; int8 ~24-48, ~48, ~150.
+MAX_ROWS = {"int4": ((1 << 20, 48), (8 << 20, 96), (None, 192)),
+            "int8": ((1 << 20, 32), (8 << 20, 48), (None, 160))}
 PATHS = ("int4mm", "int8mm", "f32", "ref")
 
 
@@ -38,8 +41,11 @@ def int4_supported(qw: QuantizedWeight) -> bool:
 
 
 def int8_supported(qw: QuantizedWeight) -> bool:
+    """aten._weight_int8pack_mm returns garbage (M=1) or crashes (M>1) when in_features % 16 != 0
+    in torch 2.13 (found while benchmarking), so lowbit only hands it multiples of 16."""
     s = qw.spec
-    return s.bits == 8 and s.symmetric and s.granularity == "channel" and len(qw.shape) == 2
+    return (s.bits == 8 and s.symmetric and s.granularity == "channel" and len(qw.shape) == 2
+            and qw.shape[1] % 16 == 0)
 
 
 def kernel_kind(qw: QuantizedWeight) -> str | None:
@@ -47,18 +53,28 @@ def kernel_kind(qw: QuantizedWeight) -> str | None:
     return "int4" if int4_supported(qw) else "int8" if int8_supported(qw) else None
 
 
-def path_for_kind(kind: str | None, rows: int) -> str:
-    """The path for ``rows`` activation rows given `kernel_kind` (cheap: called every forward)."""
-    if kind == "int4":
-        return "int4mm" if rows <= INT4_MAX_ROWS else "f32"
-    if kind == "int8":
-        return "int8mm" if rows <= INT8_MAX_ROWS else "f32"
-    return "ref"
+def max_rows(kind: str | None, numel: int) -> int:
+    """Most activation rows for which the packed kernel of ``kind`` is used on a weight of
+    ``numel`` elements (0 when there is no kernel)."""
+    if kind is None:
+        return 0
+    return next(rows for limit, rows in MAX_ROWS[kind] if limit is None or numel <= limit)
+
+
+def path_for_rows(kind: str | None, limit: int, rows: int) -> str:
+    """The path for ``rows`` activation rows (cheap: called every forward). Empty inputs take the
+    f32 path: the int8 kernel fails on zero rows."""
+    if kind is None:
+        return "ref"
+    if 0 < rows <= limit:
+        return "int4mm" if kind == "int4" else "int8mm"
+    return "f32"
 
 
 def choose_path(qw: QuantizedWeight, rows: int) -> str:
     """The path for ``rows`` activation rows (the product of all but the last input dim)."""
-    return path_for_kind(kernel_kind(qw), rows)
+    kind = kernel_kind(qw)
+    return path_for_rows(kind, max_rows(kind, qw.rows * qw.cols), rows)
 
 
 def path_supported(qw: QuantizedWeight, path: str) -> bool:
@@ -122,11 +138,13 @@ def prepare_int8(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int4_linear(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), packed, group_size, sz)
+    """The kernel needs a contiguous 2-D input."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16).contiguous(), packed,
+                                                      group_size, sz)
 
 
 def int8_linear(x2d: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), w, scales)
+    return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), w, scales)
 
 
 def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor,

@@ -26,6 +26,7 @@ class QLinear(QuantizedModule):
 
     def _build_runtime(self, qw: QuantizedWeight) -> None:
         self._kind = cpu.kernel_kind(qw)
+        self._max_rows = cpu.max_rows(self._kind, qw.rows * qw.cols)
         if self._kind == "int4":
             packed, sz = cpu.prepare_int4(qw)
             self.register_buffer("_k_weight", packed, persistent=False)
@@ -52,7 +53,7 @@ class QLinear(QuantizedModule):
         self.force_path = path
 
     def path_for(self, rows: int) -> str:
-        return self.force_path or cpu.path_for_kind(self._kind, rows)
+        return self.force_path or cpu.path_for_rows(self._kind, self._max_rows, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)

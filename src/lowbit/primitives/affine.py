@@ -75,13 +75,20 @@ def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
     lo, hi = lo.float(), hi.float()
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / (implicit_zero_point(spec) - 1)).clamp(min=tiny).to(dt)
-        return scale, None
+        return _round_up((amax / (implicit_zero_point(spec) - 1)).clamp(min=tiny), dt), None
     lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
     floor = torch.maximum(lo.abs(), hi.abs()) * MIN_RELATIVE_SCALE
-    scale = torch.maximum((hi - lo) / spec.qmax, floor).clamp(min=tiny).to(dt)
+    scale = _round_up(torch.maximum((hi - lo) / spec.qmax, floor).clamp(min=tiny), dt)
     zero_point = (-lo / scale.float()).to(dt)
     return scale, zero_point
+
+
+def _round_up(scale: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """Cast to the stored dtype without shrinking: a scale rounded down would leave the range's
+    ends outside the grid (float16 subnormals are 3% apart near 1e-6)."""
+    stored = scale.to(dt)
+    up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+    return torch.where(stored.float() < scale, up, stored)
 
 
 def quantize_codes(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
