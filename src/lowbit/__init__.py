@@ -4,10 +4,10 @@ The public verbs: `quantize`, `plan`, `save`, `load`. Nothing happens at import.
 """
 __version__ = "0.1.0"
 
-from .api import make_recipe, quantize
+from .api import make_recipe, plan, quantize
 from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
-from .recipe import Plan, Recipe, RecipeError, Rule, plan
+from .recipe import Plan, Recipe, RecipeError, Rule
 from .spec import QuantSpec, SchemeError, parse_scheme
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",

@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from .apply import Report, apply
-from .recipe import Plan, Recipe, Rule, plan
+from .recipe import Plan, Recipe, Rule
+from .recipe import plan as plan_recipe
 from .spec import QuantSpec
 
 DEFAULT_TARGETS = ("Linear",)
@@ -40,7 +41,7 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g12
              verbose: bool = True, progress: bool = False) -> torch.nn.Module:
     """Quantize ``model`` in place and return it; prints what was quantized and skipped."""
     recipe = make_recipe(scheme, targets, ignore, method)
-    the_plan = plan(model, recipe)
+    the_plan = plan_recipe(model, recipe)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": source_sha256(model)}
     report = apply(model, the_plan, progress=progress)
@@ -49,6 +50,12 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g12
     if verbose:
         print(report, file=sys.stderr)
     return model
+
+
+def plan(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g128",
+         targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn") -> Plan:
+    """What `quantize` with the same arguments would do, without touching the model."""
+    return plan_recipe(model, make_recipe(scheme, targets, ignore, method))
 
 
 __all__ = ["Plan", "Recipe", "Report", "Rule", "make_recipe", "plan", "quantize"]

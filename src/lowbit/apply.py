@@ -57,6 +57,7 @@ def apply(model: torch.nn.Module, plan: Plan, weights: dict[str, QuantizedWeight
     quantized by the rule's method and its SQNR measured.
     """
     report = Report(skipped=dict(plan.skipped))
+    built: list[tuple[str, torch.nn.Module]] = []
     items = list(plan.layers.items())
     for name, rule in tqdm(items, desc="quantize", disable=not progress, unit="layer"):
         module = model.get_submodule(name)
@@ -64,13 +65,14 @@ def apply(model: torch.nn.Module, plan: Plan, weights: dict[str, QuantizedWeight
             w = module.weight.detach()
             qw = ALGORITHMS[rule.method](w, rule.spec, name)
             db = sqnr_db(w, qw.dequantize())
-            float_bytes = w.numel() * w.element_size()
         else:
             qw, db = weights[name], (sqnr or {}).get(name)
-            float_bytes = module.weight.numel() * module.weight.element_size()
-        new = SWAP_TABLE[type(module)].from_float(module, qw, rule.method, db)
-        _replace(model, name, new)
+        float_bytes = module.weight.numel() * module.weight.element_size()
+        built.append((name, SWAP_TABLE[type(module)].from_float(module, qw, rule.method, db)))
         report.layers.append(LayerResult(name, rule.spec.name, rule.method, float_bytes, qw.nbytes, db))
+    # swap only once every layer is built: a layer that fails to quantize leaves the model as it was
+    for name, new in built:
+        _replace(model, name, new)
     return report
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import Plan, Recipe, RecipeError, Rule, SchemeError, make_recipe, plan
+from lowbit import Plan, QuantizationError, Recipe, RecipeError, Rule, SchemeError, make_recipe, plan
 from lowbit.nn import QConv2d, QEmbedding, QLinear
 from lowbit.spec import parse_scheme
 
@@ -343,3 +343,24 @@ def test_a_string_target_is_one_target_or_an_error():
     except RecipeError:
         return
     assert r.targets == ("Linear",)
+
+
+def test_plan_takes_the_same_arguments_as_quantize():
+    model = seq()
+    assert plan(model, "w8").layers.keys() == plan(model, make_recipe("w8")).layers.keys()
+    p = plan(model, "w8", targets=["Linear"], ignore=["0"])
+    assert "0" not in p.layers and p.layers  # naming targets also quantizes the head
+
+
+def test_a_layer_that_fails_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"^2: weight has 1 NaN/Inf values"):
+        lowbit.quantize(model, "w8", verbose=False)
+    assert all(type(m) is nn.Linear for m in model)  # layer 0 was quantizable, but nothing swapped
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
