@@ -12,7 +12,7 @@ fp32 here (no AMX), so lowbit has no bf16-matmul path.
 Paths (chosen per call by `choose_path` from the number of activation rows M):
   ``int4mm``  aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
   ``int8mm``  aten._weight_int8pack_mm (8-bit symmetric per channel), bf16 activations
-  ``f32``     unpack 4/8-bit codes and dequantize to fp32 in one fused multiply-add, fp32 matmul
+  ``f32``     4/8-bit codes written straight into an fp32 weight, scaled in place, fp32 matmul
   ``ref``     dequantize with `primitives` (the reference twin), fp32 matmul: 2/3/5/6/7-bit
 Each fast path is parity-tested against ``ref`` (tests/parity).
 """
