@@ -1,13 +1,13 @@
 """The one-line API: `quantize` a model in place under a scheme or a recipe."""
 from __future__ import annotations
 
-import hashlib
 import sys
 from typing import Sequence
 
 import torch
 
 from .apply import Report, apply
+from .io.format import tensors_sha256
 from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
 from .spec import QuantSpec
@@ -28,12 +28,8 @@ def make_recipe(scheme: "str | QuantSpec | Recipe", targets: Sequence[str] | Non
 
 
 def source_sha256(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        if not t.is_meta:
-            h.update(key.encode())
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of the float model's state (meta tensors skipped), as `io.format` hashes files."""
+    return tensors_sha256({k: t for k, t in model.state_dict().items() if not t.is_meta})
 
 
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g128",

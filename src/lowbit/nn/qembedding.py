@@ -25,16 +25,16 @@ class QEmbedding(QuantizedModule):
                    sqnr_db: float | None = None) -> "QEmbedding":
         return cls(qw, emb.padding_idx, method, sqnr_db)
 
+    def _rows(self, t: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor | None:
+        """Per-row parameters for the looked-up rows; a per-tensor one is shared by all."""
+        if t is None:
+            return None
+        return t.expand(flat.numel(), -1) if self.spec.granularity == "tensor" else t[flat]
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         q = unpack(self.qdata[flat], self.spec.bits, self.embedding_dim)  # (n, dim)
-        per_tensor = self.scale.shape[0] == 1 and self.num_embeddings != 1
-        scale = self.scale if per_tensor else self.scale[flat]
-        zp = None if self.zero_point is None else (self.zero_point if per_tensor else self.zero_point[flat])
-        groups = scale.shape[1]
-        rows = q.shape[0]
-        if per_tensor:
-            scale = scale.expand(rows, 1)
-            zp = None if zp is None else zp.expand(rows, 1)
+        scale, zp = self._rows(self.scale, flat), self._rows(self.zero_point, flat)  # (n, G)
+        rows, groups = q.shape[0], scale.shape[1]
         out = dequantize_codes(q.view(rows, groups, -1), scale, zp, self.spec)  # (n, G, dim // G)
         return out.reshape(*ids.shape, self.embedding_dim)
