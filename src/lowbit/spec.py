@@ -1,18 +1,21 @@
-"""Quantization schemes: a frozen, validated `QuantSpec` and the string grammar that names one.
+"""Quantization schemes: frozen, validated specs and the string grammar that names them.
 
-Grammar (case-insensitive)::
+A scheme names how a layer's weights are quantized (`QuantSpec`) and, optionally, its inputs
+(activations, `ActSpec`); `Scheme` holds the pair. Grammar (case-insensitive)::
 
-    w<bits>[g<group>|c|r|t][-sym|-asym][-minmax|-mse|-greedy|-p<percentile>]
+    w<bits>[g<group>|c|r|t][a8[-static]][-sym|-asym][-minmax|-mse|-greedy|-p<percentile>][-s<dtype>]
 
     w8        int8 weights, one scale per output channel (symmetric)
     w4g128    int4 weights, one scale and zero point per group of 128 inputs (asymmetric)
     w4g32, w3g128, w2g64, ...
     w8r       per row (embedding tables: per-row scale and bias, asymmetric)
     w8t       one scale for the whole tensor
-    w8a8, w8a8-static   reserved for activation quantization (not built yet)
+    w8a8      int8 weights and int8 inputs quantized per token at run time (dynamic)
+    w8a8-static   int8 inputs with a per-tensor range fixed by calibration
 
 Aliases: ``int8`` -> ``w8a8``, ``int4`` -> ``w4g128``.
-Defaults: 8-bit is symmetric, 2..7-bit and per-row are asymmetric; ranges are min-max.
+Defaults: 8-bit is symmetric, 2..7-bit and per-row are asymmetric; ranges are min-max. Each suffix
+category (symmetry, range, scale dtype, static) may appear once: ``w4-sym-asym`` is an error.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import SchemeError
 
 GRANULARITIES = ("tensor", "channel", "group", "row")
 RANGE_METHODS = ("minmax", "percentile", "mse", "greedy")
@@ -31,14 +36,12 @@ _GRAN_LETTER = {"c": "channel", "r": "row", "t": "tensor", "": "channel"}
 
 VALID_FORMS = (
     "w<bits> (per channel), w<bits>g<group> (per group), w<bits>r (per row), w<bits>t (per tensor); "
-    "bits 2..8; optional suffixes -sym/-asym and -minmax/-mse/-greedy/-p<percentile>; "
-    "examples: w8, w4g128, w4g32, w3g128, w2g64, w8r, w4g128-sym, w8-mse; "
-    "w8a8 and w8a8-static are reserved for activation quantization; aliases: int8 -> w8a8, int4 -> w4g128"
+    "bits 2..8; a8 after the weight part quantizes inputs too (w8a8: dynamic, per token; w8a8-static: "
+    "calibrated per tensor); optional suffixes, each kind at most once: -sym/-asym, "
+    "-minmax/-mse/-greedy/-p<percentile>, -sfloat16/-sfloat32; "
+    "examples: w8, w4g128, w4g32, w3g128, w2g64, w8r, w4g128-sym, w8-mse, w8a8; "
+    "aliases: int8 -> w8a8, int4 -> w4g128"
 )
-
-
-class SchemeError(ValueError):
-    """A scheme string or spec field that lowbit cannot accept."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,6 @@ class QuantSpec:
     scale_dtype: str = "float16"
     range_method: str = "minmax"
     percentile: float = 99.9  # DEFAULT_PERCENTILE
-    act_bits: int | None = None
-    act_static: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -83,10 +84,6 @@ class QuantSpec:
         if self.range_method != "percentile" and float(self.percentile) != DEFAULT_PERCENTILE:
             raise SchemeError(f"percentile={self.percentile!r} is set but range_method is "
                               f"{self.range_method!r}, not 'percentile'")
-        if self.act_bits not in (None, 8):
-            raise SchemeError(f"act_bits must be None or 8, found {self.act_bits!r}")
-        if self.act_static and not self.act_bits:
-            raise SchemeError("act_static=True needs act_bits")
 
     @property
     def qmax(self) -> int:
@@ -97,8 +94,6 @@ class QuantSpec:
         """The canonical scheme string; ``parse_scheme(spec.name) == spec``."""
         gran = {"channel": "", "row": "r", "tensor": "t"}.get(self.granularity, f"g{self.group_size}")
         out = f"w{self.bits}{gran}"
-        if self.act_bits:
-            out += f"a{self.act_bits}" + ("-static" if self.act_static else "")
         if self.symmetric != _default_symmetric(self.bits, self.granularity):
             out += "-sym" if self.symmetric else "-asym"
         if self.range_method == "percentile":
@@ -114,11 +109,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise SchemeError(f"unknown QuantSpec fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return _from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -131,6 +122,102 @@ class QuantSpec:
         return dataclasses.replace(self, **changes)
 
 
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "histogram")
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How a layer's inputs (activations) are quantized at run time.
+
+    Dynamic (``static=False``): each token's (row's) range is measured on the fly. Static: one
+    per-tensor range fixed by calibration, chosen by ``observer``. Codes are unsigned 8-bit:
+    ``x_hat = (q - zero_point) * scale``, symmetric ones with the implicit zero point 128.
+    """
+
+    bits: int = 8
+    static: bool = False
+    symmetric: bool = False
+    granularity: str = "token"
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise SchemeError(f"input bits must be 8, found {self.bits!r}")
+        for key in ("static", "symmetric"):
+            if not isinstance(getattr(self, key), bool):
+                raise SchemeError(f"{key} must be True or False, found {getattr(self, key)!r}")
+        if self.granularity not in ACT_GRANULARITIES:
+            raise SchemeError(f"input granularity must be one of {ACT_GRANULARITIES}, "
+                              f"found {self.granularity!r}")
+        if self.static and self.granularity != "tensor":
+            raise SchemeError("static input ranges are per tensor: granularity must be 'tensor'")
+        if self.observer not in OBSERVERS:
+            raise SchemeError(f"observer must be one of {OBSERVERS}, found {self.observer!r}")
+
+    @property
+    def name(self) -> str:
+        return f"a{self.bits}" + ("-static" if self.static else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ActSpec":
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A weight spec and an optional input spec: what a scheme string names."""
+
+    weight: QuantSpec
+    input: ActSpec | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, QuantSpec):
+            raise SchemeError(f"Scheme.weight must be a QuantSpec, found {type(self.weight).__name__}")
+        if self.input is not None and not isinstance(self.input, ActSpec):
+            raise SchemeError(f"Scheme.input must be an ActSpec or None, found {type(self.input).__name__}")
+
+    @property
+    def name(self) -> str:
+        """The canonical scheme string; ``parse(s.name) == s``."""
+        w = self.weight.name
+        if self.input is None:
+            return w
+        base, sep, rest = w.partition("-")
+        suffix = "-static" if self.input.static else ""
+        return f"{base}{self.input.name.split('-')[0]}{suffix}{sep}{rest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight.to_dict(),
+                "input": None if self.input is None else self.input.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Scheme":
+        if not isinstance(d, dict) or "weight" not in d:
+            raise SchemeError(f"a Scheme dict needs 'weight' (and optional 'input'), found {d!r}")
+        extra = set(d) - {"weight", "input"}
+        if extra:
+            raise SchemeError(f"unknown Scheme fields {sorted(extra)}; known: ['input', 'weight']")
+        act = d.get("input")
+        return cls(QuantSpec.from_dict(d["weight"]), None if act is None else ActSpec.from_dict(act))
+
+
+def _from_dict(cls, d: Any):
+    if not isinstance(d, dict):
+        raise SchemeError(f"{cls.__name__} expects a dict of fields, found {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise SchemeError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise SchemeError(f"{cls.__name__}: {exc}") from None
+
+
 def _default_symmetric(bits: int, granularity: str) -> bool:
     return bits == 8 and granularity != "row"
 
@@ -139,12 +226,14 @@ _PATTERN = re.compile(r"^w(?P<bits>\d)(?:(?P<letter>[crt])|g(?P<group>\d+))?(?:a
 _SCALE_SUFFIX = {f"s{d}": d for d in SCALE_DTYPES}
 
 
-def parse_scheme(scheme: "str | QuantSpec") -> QuantSpec:
-    """Parse a scheme string (see module docstring) into a `QuantSpec`."""
-    if isinstance(scheme, QuantSpec):
+def parse(scheme: "str | QuantSpec | Scheme") -> Scheme:
+    """Parse a scheme string (see module docstring) into a `Scheme` (weight and input specs)."""
+    if isinstance(scheme, Scheme):
         return scheme
+    if isinstance(scheme, QuantSpec):
+        return Scheme(scheme)
     if not isinstance(scheme, str) or not scheme.strip():
-        raise SchemeError(f"a scheme must be a non-empty string; valid forms: {VALID_FORMS}")
+        raise SchemeError(f"a scheme must be a non-empty string, found {scheme!r}; valid forms: {VALID_FORMS}")
     text = ALIASES.get(scheme.strip().lower(), scheme.strip().lower())
     base, *suffixes = text.split("-")
     m = _PATTERN.match(base)
@@ -155,26 +244,57 @@ def parse_scheme(scheme: "str | QuantSpec") -> QuantSpec:
     fields: dict[str, Any] = {"bits": bits, "granularity": gran,
                               "group_size": int(m["group"]) if m["group"] else None,
                               "symmetric": _default_symmetric(bits, gran)}
-    if m["abits"]:
-        fields["act_bits"] = int(m["abits"])
+    act: dict[str, Any] | None = {"bits": int(m["abits"])} if m["abits"] else None
+    seen: dict[str, str] = {}
     for sfx in suffixes:
-        _apply_suffix(fields, sfx, scheme)
+        _apply_suffix(fields, act, sfx, scheme, seen)
     try:
-        return QuantSpec(**fields)
+        if act is not None and act.get("static"):
+            act["granularity"] = "tensor"
+        return Scheme(QuantSpec(**fields), None if act is None else ActSpec(**act))
     except SchemeError as exc:
         raise SchemeError(f"scheme {scheme!r}: {exc}; valid forms: {VALID_FORMS}") from None
 
 
-def _apply_suffix(fields: dict[str, Any], sfx: str, scheme: str) -> None:
-    if sfx in ("sym", "asym"):
+def parse_scheme(scheme: "str | QuantSpec") -> QuantSpec:
+    """Parse a weight-only scheme string into its `QuantSpec` (``w8a8`` needs `parse`)."""
+    if isinstance(scheme, QuantSpec):
+        return scheme
+    parsed = parse(scheme)
+    if parsed.input is not None:
+        raise SchemeError(f"scheme {scheme!r} also quantizes inputs; use lowbit.spec.parse() for a "
+                          "Scheme with weight and input specs")
+    return parsed.weight
+
+
+def _apply_suffix(fields: dict[str, Any], act: dict[str, Any] | None, sfx: str, scheme: str,
+                  seen: dict[str, str]) -> None:
+    category = _suffix_category(sfx, act, scheme)
+    if category in seen:
+        what = "repeats" if seen[category] == sfx else "contradicts"
+        raise SchemeError(f"suffix -{sfx} {what} -{seen[category]} in scheme {scheme!r}: each of "
+                          f"symmetry, range, scale dtype and -static may appear once; valid forms: "
+                          f"{VALID_FORMS}")
+    seen[category] = sfx
+    if category == "symmetry":
         fields["symmetric"] = sfx == "sym"
-    elif sfx in ("minmax", "mse", "greedy"):
-        fields["range_method"] = sfx
-    elif sfx == "static" and "act_bits" in fields:
-        fields["act_static"] = True
-    elif sfx in _SCALE_SUFFIX:
+    elif category == "static":
+        act["static"] = True
+    elif category == "scale":
         fields["scale_dtype"] = _SCALE_SUFFIX[sfx]
-    elif re.fullmatch(r"p\d+(\.\d+)?", sfx):
+    elif sfx.startswith("p") and sfx not in RANGE_METHODS:
         fields["range_method"], fields["percentile"] = "percentile", float(sfx[1:])
     else:
-        raise SchemeError(f"unknown suffix -{sfx} in scheme {scheme!r}; valid forms: {VALID_FORMS}")
+        fields["range_method"] = sfx
+
+
+def _suffix_category(sfx: str, act: dict[str, Any] | None, scheme: str) -> str:
+    if sfx in ("sym", "asym"):
+        return "symmetry"
+    if sfx in ("minmax", "mse", "greedy") or re.fullmatch(r"p\d+(\.\d+)?", sfx):
+        return "range"
+    if sfx in _SCALE_SUFFIX:
+        return "scale"
+    if sfx == "static" and act is not None:
+        return "static"
+    raise SchemeError(f"unknown suffix -{sfx} in scheme {scheme!r}; valid forms: {VALID_FORMS}")

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from lowbit.spec import ALIASES, VALID_FORMS, QuantSpec, SchemeError, parse_scheme
+from lowbit.spec import ALIASES, VALID_FORMS, ActSpec, QuantSpec, Scheme, SchemeError, parse, parse_scheme
 
 # scheme string -> the fields it must parse to (fields not named keep QuantSpec's defaults)
 NAMED_FORMS: dict[str, dict] = {
@@ -26,9 +26,9 @@ NAMED_FORMS: dict[str, dict] = {
     "w4r": dict(bits=4, symmetric=False, granularity="row"),
     "w2t": dict(bits=2, symmetric=False, granularity="tensor"),
     "w8g64": dict(bits=8, symmetric=True, granularity="group", group_size=64),
-    "w8a8": dict(bits=8, symmetric=True, granularity="channel", act_bits=8, act_static=False),
-    "w8a8-static": dict(bits=8, symmetric=True, granularity="channel", act_bits=8, act_static=True),
-    "int8": dict(bits=8, symmetric=True, granularity="channel", act_bits=8),
+    "w8a8": dict(bits=8, symmetric=True, granularity="channel"),
+    "w8a8-static": dict(bits=8, symmetric=True, granularity="channel"),
+    "int8": dict(bits=8, symmetric=True, granularity="channel"),
     "int4": dict(bits=4, symmetric=False, granularity="group", group_size=128),
     "w4g128-sym": dict(bits=4, symmetric=True, granularity="group", group_size=128),
     "w8-asym": dict(bits=8, symmetric=False, granularity="channel"),
@@ -67,24 +67,60 @@ BAD_SCHEMES = ["w9", "w1", "w0", "w10", "w4g", "w4g1", "q4", "", "   ", "w4g128-
                "w4g128--sym", "w4g0"]
 
 SPEC_DEFAULTS = dict(granularity="channel", group_size=None, scale_dtype="float16",
-                     range_method="minmax", percentile=99.9, act_bits=None, act_static=False)
+                     range_method="minmax", percentile=99.9)
+# schemes that also quantize inputs -> their input spec
+INPUT_FORMS = {"w8a8": ActSpec(), "int8": ActSpec(),
+               "w8a8-static": ActSpec(static=True, granularity="tensor")}
 
-W4G128_JSON = ('{"act_bits": null, "act_static": false, "bits": 4, "granularity": "group", '
+W4G128_JSON = ('{"bits": 4, "granularity": "group", '
                '"group_size": 128, "percentile": 99.9, "range_method": "minmax", '
                '"scale_dtype": "float16", "symmetric": false}')
 
 
 @pytest.mark.parametrize("scheme", list(NAMED_FORMS))
 def test_named_form_parses_to_expected_fields(scheme):
-    spec = parse_scheme(scheme)
+    parsed = parse(scheme)
     expected = {**SPEC_DEFAULTS, **NAMED_FORMS[scheme]}
-    assert dataclasses.asdict(spec) == expected
+    assert dataclasses.asdict(parsed.weight) == expected
+    assert parsed.input == INPUT_FORMS.get(scheme.strip().lower())
 
 
 @pytest.mark.parametrize("alias,target", sorted(ALIASES.items()))
 def test_aliases_equal_their_targets(alias, target):
     assert (alias, target) in {("int8", "w8a8"), ("int4", "w4g128")}
-    assert parse_scheme(alias) == parse_scheme(target)
+    assert parse(alias) == parse(target)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static", "int8"])
+def test_parse_scheme_refuses_input_schemes(scheme):
+    """parse_scheme returns a weight spec: an input scheme must not lose its input part silently."""
+    with pytest.raises(SchemeError, match="also quantizes inputs"):
+        parse_scheme(scheme)
+
+
+CONTRADICTIONS = ["w4g128-sym-asym", "w8-p99.9-mse", "w8-sfloat16-sfloat32", "w8-sym-sym",
+                  "w4g32-mse-greedy", "w8a8-static-static", "w4-minmax-p99", "w8-asym-sym"]
+
+
+@pytest.mark.parametrize("bad", CONTRADICTIONS)
+def test_contradictory_or_repeated_suffixes_raise(bad):
+    """Regression: these kept the last suffix in silence."""
+    with pytest.raises(SchemeError, match="repeats|contradicts") as info:
+        parse(bad)
+    assert VALID_FORMS in str(info.value)
+
+
+def test_scheme_json_round_trip_and_bad_dicts():
+    s = parse("w8a8-static-mse")
+    assert Scheme.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert parse(s.name) == s
+    for bad in ({"weight": 4}, {"input": None}, {"weight": s.weight.to_dict(), "extra": 1}, [1]):
+        with pytest.raises(SchemeError):
+            Scheme.from_dict(bad)
+    with pytest.raises(SchemeError, match="static input ranges are per tensor"):
+        ActSpec(static=True)
+    with pytest.raises(SchemeError, match="observer must be one of"):
+        ActSpec(observer="magic")
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -98,19 +134,19 @@ def test_default_symmetry_by_bits_and_granularity(bits):
 
 @pytest.mark.parametrize("scheme,name", sorted(CANONICAL_NAMES.items()))
 def test_canonical_name(scheme, name):
-    assert parse_scheme(scheme).name == name
+    assert parse(scheme).name == name
 
 
 @pytest.mark.parametrize("scheme", list(NAMED_FORMS))
 def test_name_round_trip(scheme):
-    spec = parse_scheme(scheme)
-    assert parse_scheme(spec.name) == spec
-    assert parse_scheme(spec.name).name == spec.name
+    spec = parse(scheme)
+    assert parse(spec.name) == spec
+    assert parse(spec.name).name == spec.name
 
 
 @pytest.mark.parametrize("scheme", list(NAMED_FORMS))
 def test_json_round_trip(scheme):
-    spec = parse_scheme(scheme)
+    spec = parse(scheme).weight
     assert QuantSpec.from_json(spec.to_json()) == spec
     assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
@@ -187,21 +223,19 @@ BAD_FIELDS = [
     dict(bits=4, symmetric=False, percentile=50.0),
     dict(bits=4, symmetric=False, percentile=100.5),
     dict(bits=4, symmetric=False, percentile=float("nan")),
-    dict(bits=8, symmetric=True, act_bits=4),
-    dict(bits=8, symmetric=True, act_bits=16),
+    dict(bits=8, symmetric=True, act_bits=8),  # inputs live in ActSpec, not in the weight spec
 ]
 
 
 @pytest.mark.parametrize("fields", BAD_FIELDS, ids=[str(f) for f in BAD_FIELDS])
 def test_quantspec_validates_fields(fields):
-    with pytest.raises(SchemeError):
+    with pytest.raises((SchemeError, TypeError)):
         QuantSpec(**fields)
 
 
 def test_quantspec_accepts_edges():
     assert QuantSpec(bits=2, symmetric=False, granularity="group", group_size=2).group_size == 2
     assert QuantSpec(bits=8, symmetric=True, range_method="percentile", percentile=100.0).percentile == 100.0
-    assert QuantSpec(bits=8, symmetric=True, act_bits=8).act_bits == 8
 
 
 def test_with_validates():
@@ -233,11 +267,9 @@ def test_name_round_trip_keeps_percentile_precision():
     assert parse_scheme(spec.name) == spec
 
 
-def test_unused_percentile_or_act_static_is_rejected():
+def test_unused_percentile_is_rejected():
     with pytest.raises(SchemeError, match="percentile=99.0 is set but range_method"):
         QuantSpec(bits=4, symmetric=False, percentile=99.0)
-    with pytest.raises(SchemeError, match="act_static=True needs act_bits"):
-        QuantSpec(bits=8, symmetric=True, act_static=True)
 
 
 def test_quantspec_validates_symmetric_is_bool():

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PackingError
+
 PACKING_VERSION = 1
 # bits -> (codes per unit, bytes per unit)
 _UNITS = {8: (1, 1), 4: (2, 1), 2: (4, 1), 3: (8, 3)}
 
 
-class PackingError(ValueError):
-    """Packed data whose size or dtype does not match what its shape and bits require."""
 
 
 def packed_cols(cols: int, bits: int) -> int:
