@@ -7,23 +7,27 @@ from typing import Sequence
 import torch
 
 from .apply import Report, apply
+from .errors import RecipeError
 from .io.format import tensors_sha256
 from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
-from .spec import QuantSpec
+from .spec import QuantSpec, Scheme
 
 DEFAULT_TARGETS = ("Linear",)
 
 
-def make_recipe(scheme: "str | QuantSpec | Recipe", targets: Sequence[str] | None = None,
+def make_recipe(scheme: "str | QuantSpec | Scheme | Recipe", targets: Sequence[str] | None = None,
                 ignore: Sequence[str] = (), method: str = "rtn") -> Recipe:
-    """A scheme plus targets/ignore -> a one-rule Recipe. Default targets: every Linear except the
-    model's output head; naming targets yourself quantizes exactly what they match."""
+    """A scheme plus targets/ignore -> a one-rule Recipe. Default targets (``targets=None``): every
+    Linear except the model's output head; naming targets yourself quantizes exactly what they match."""
     if isinstance(scheme, Recipe):
         if targets is not None or ignore:
-            raise ValueError("pass targets/ignore inside the Recipe's rules, not next to it")
+            raise RecipeError("pass targets/ignore inside the Recipe's rules, not next to it")
         return scheme
-    rule = Rule(targets or DEFAULT_TARGETS, scheme, ignore, method)
+    if targets is not None and not isinstance(targets, str) and len(targets) == 0:
+        raise RecipeError("targets is empty: pass targets=None for the default (every Linear but "
+                          "the output head), or name what to quantize")
+    rule = Rule(DEFAULT_TARGETS if targets is None else targets, scheme, ignore, method)
     return Recipe((rule,), skip_output_head=targets is None)
 
 
@@ -32,12 +36,19 @@ def source_sha256(model: torch.nn.Module) -> str:
     return tensors_sha256({k: t for k, t in model.state_dict().items() if not t.is_meta})
 
 
-def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g128",
+def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
-             verbose: bool = True, progress: bool = False) -> torch.nn.Module:
-    """Quantize ``model`` in place and return it; prints what was quantized and skipped."""
+             allow_empty: bool = False, verbose: bool = True, progress: bool = False) -> torch.nn.Module:
+    """Quantize ``model`` in place and return it; prints what was quantized and skipped.
+
+    Raises `RecipeError` when a target matches no module or nothing would be quantized (unless
+    ``allow_empty``), and `QuantizationError` naming the layer when a weight cannot be quantized;
+    either way the model is left as it was.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise RecipeError(f"model must be a torch.nn.Module, found {type(model).__name__}")
     recipe = make_recipe(scheme, targets, ignore, method)
-    the_plan = plan_recipe(model, recipe)
+    the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": source_sha256(model)}
     report = apply(model, the_plan, progress=progress)
@@ -48,10 +59,11 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g12
     return model
 
 
-def plan(model: torch.nn.Module, scheme: "str | QuantSpec | Recipe" = "w4g128",
-         targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn") -> Plan:
+def plan(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
+         targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
+         allow_empty: bool = False) -> Plan:
     """What `quantize` with the same arguments would do, without touching the model."""
-    return plan_recipe(model, make_recipe(scheme, targets, ignore, method))
+    return plan_recipe(model, make_recipe(scheme, targets, ignore, method), allow_empty=allow_empty)
 
 
 __all__ = ["Plan", "Recipe", "Report", "Rule", "make_recipe", "plan", "quantize"]

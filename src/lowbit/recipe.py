@@ -6,34 +6,44 @@ A target is an exact module name (``encoder.layer.0.output.dense``), a class nam
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
 
 import torch
 
-from .nn import SWAP_TABLE
+from .errors import RecipeError, SchemeError
+from .nn import float_classes, quantized_class
 from .primitives.affine import as_2d
-from .spec import QuantSpec, parse_scheme
+from .spec import ActSpec, QuantSpec, Scheme, parse
 
 METHODS = ("rtn",)
 
 
-class RecipeError(ValueError):
-    """A rule or recipe lowbit cannot accept."""
 
 
 @dataclass(frozen=True)
 class Rule:
+    """Modules matching ``targets`` (and no ``ignore`` pattern) get ``spec`` for their weights and
+    ``input_spec`` for their inputs. ``spec`` may be given as a scheme string (``"w8a8"`` sets
+    both), a `QuantSpec` or a `Scheme`."""
     targets: tuple[str, ...]
     spec: QuantSpec
     ignore: tuple[str, ...] = ()
     method: str = "rtn"
+    input_spec: ActSpec | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", _names(self.targets))
-        object.__setattr__(self, "ignore", _names(self.ignore))
-        object.__setattr__(self, "spec", parse_scheme(self.spec))
+        object.__setattr__(self, "targets", _names(self.targets, "targets"))
+        object.__setattr__(self, "ignore", _names(self.ignore, "ignore"))
+        scheme = parse(self.spec)
+        if scheme.input is not None and self.input_spec is not None and scheme.input != self.input_spec:
+            raise RecipeError(f"scheme {scheme.name!r} names inputs and input_spec differs; give one")
+        object.__setattr__(self, "spec", scheme.weight)
+        object.__setattr__(self, "input_spec", self.input_spec or scheme.input)
+        if self.input_spec is not None and not isinstance(self.input_spec, ActSpec):
+            raise RecipeError(f"input_spec must be an ActSpec or None, found {self.input_spec!r}")
         if not self.targets:
             raise RecipeError("a Rule needs at least one target")
         for t in self.targets + self.ignore:
@@ -45,14 +55,29 @@ class Rule:
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}; available: {METHODS}")
 
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.spec, self.input_spec)
+
+    @property
+    def input_mode(self) -> str | None:
+        return None if self.input_spec is None else ("static" if self.input_spec.static else "dynamic")
+
     def to_dict(self) -> dict:
         return {"targets": list(self.targets), "ignore": list(self.ignore),
-                "spec": self.spec.to_dict(), "method": self.method}
+                "spec": self.spec.to_dict(), "method": self.method,
+                "input_spec": None if self.input_spec is None else self.input_spec.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        return cls(tuple(d["targets"]), QuantSpec.from_dict(d["spec"]), tuple(d.get("ignore", ())),
-                   d.get("method", "rtn"))
+        if not isinstance(d, dict) or "targets" not in d or "spec" not in d:
+            raise RecipeError(f"a rule needs 'targets' and 'spec', found {d!r:.200}")
+        try:
+            act = d.get("input_spec")
+            return cls(tuple(d["targets"]), QuantSpec.from_dict(d["spec"]), tuple(d.get("ignore", ())),
+                       d.get("method", "rtn"), None if act is None else ActSpec.from_dict(act))
+        except SchemeError as exc:
+            raise RecipeError(f"bad rule {d!r:.200}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -69,13 +94,26 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise RecipeError(f"a recipe must be JSON: {exc}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("rules"), list):
+            raise RecipeError("a recipe is a JSON object with a list 'rules'")
         return cls(tuple(Rule.from_dict(r) for r in d["rules"]), d.get("skip_output_head", True))
 
 
-def _names(x: "str | tuple[str, ...] | list[str]") -> tuple[str, ...]:
+def _names(x: object, what: str) -> tuple[str, ...]:
     """A single name is a one-element tuple, never a tuple of its characters."""
-    return (x,) if isinstance(x, str) else tuple(x)
+    if isinstance(x, str):
+        x = (x,)
+    if not isinstance(x, (tuple, list)):
+        raise RecipeError(f"{what} must be a name or a list of names, found {type(x).__name__}")
+    for t in x:
+        if not isinstance(t, str) or not t:
+            raise RecipeError(f"{what} must be non-empty strings (exact name, class name or "
+                              f"re:<regex>), found {t!r}")
+    return tuple(x)
 
 
 def matches(pattern: str, name: str, module: torch.nn.Module) -> bool:
@@ -86,12 +124,15 @@ def matches(pattern: str, name: str, module: torch.nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Plan:
-    """module name -> Rule for the layers to quantize; module name -> reason for those skipped."""
+    """module name -> Rule for the layers to quantize; module name -> reason for those skipped;
+    alias -> planned name for a module registered under more than one name (it stays shared)."""
     layers: dict[str, Rule] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{n}: {r.spec.name} ({r.method})" for n, r in self.layers.items()]
+        lines = [f"{n}: {r.scheme.name} ({r.method})" for n, r in self.layers.items()]
+        lines += [f"{a}: same module as {n}" for a, n in self.aliases.items()]
         lines += [f"{n}: skipped ({why})" for n, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -107,25 +148,73 @@ def output_head(model: torch.nn.Module) -> str | None:
     return linears[-1] if linears else None
 
 
-def plan(model: torch.nn.Module, recipe: Recipe) -> Plan:
-    """Decide, without touching the model, which modules get which rule."""
+def plan(model: torch.nn.Module, recipe: Recipe, allow_empty: bool = False) -> Plan:
+    """Decide, without touching the model, which modules get which rule.
+
+    Raises `RecipeError` when a target matches no module (naming it, with the closest names), or
+    when nothing would be quantized, unless ``allow_empty``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise RecipeError(f"model must be a torch.nn.Module, found {type(model).__name__}")
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe must be a lowbit.Recipe, found {type(recipe).__name__}")
     head = output_head(model) if recipe.skip_output_head else None
-    layers, skipped = {}, {}
-    for name, module in model.named_modules():
+    layers, skipped, aliases, first = {}, {}, {}, {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in first:  # the same module under a second name: it stays one module
+            if first[id(module)] in layers:
+                aliases[name] = first[id(module)]
+            continue
+        first[id(module)] = name
         rule = _rule_for(recipe, name, module)
         if rule is None:
             continue
-        if name == "":
-            why = "the model itself is the layer; wrap it (nn.Sequential(model)) so it can be swapped"
-        elif name == head:
-            why = "output head (kept in float; name it in targets with skip_output_head=False)"
-        else:
-            why = unsupported_reason(module, rule.spec)
+        why = _skip_reason(name, head, module, rule)
         if why:
             skipped[name] = why
         else:
             layers[name] = rule
-    return Plan(layers, skipped)
+    if not allow_empty:
+        _check_targets(model, recipe)
+        if not layers:
+            raise RecipeError(_nothing_message(recipe, skipped))
+    return Plan(layers, skipped, aliases)
+
+
+def _skip_reason(name: str, head: str | None, module: torch.nn.Module, rule: Rule) -> str | None:
+    if name == "":
+        return "the model itself is the layer; wrap it (nn.Sequential(model)) so it can be swapped"
+    if name == head:
+        return "output head (kept in float; name it in targets with skip_output_head=False)"
+    return unsupported_reason(module, rule.spec, rule.input_mode)
+
+
+def _check_targets(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Every target must match some module: a typo must not quantize nothing in silence."""
+    named = list(model.named_modules(remove_duplicate=False))
+    for rule in recipe.rules:
+        dead = [t for t in rule.targets if not any(matches(t, n, m) for n, m in named)]
+        if dead:
+            raise RecipeError(f"target(s) {dead} match no module of this "
+                              f"{type(model).__name__}; {_suggest(dead, named)}")
+
+
+def _suggest(dead: list[str], named: list[tuple[str, torch.nn.Module]]) -> str:
+    classes = sorted({type(m).__name__ for _, m in named})
+    names = [n for n, _ in named if n]
+    close = [c for t in dead for c in difflib.get_close_matches(t.removeprefix("re:"), classes + names, 3, 0.6)]
+    hint = f"did you mean {sorted(set(close))}? " if close else ""
+    return (f"{hint}module classes here: {classes[:20]}; a target is an exact module name, a class "
+            "name or re:<regex> (full match on the name)")
+
+
+def _nothing_message(recipe: Recipe, skipped: dict[str, str]) -> str:
+    targets = sorted({t for r in recipe.rules for t in r.targets})
+    why = "; ".join(f"{n}: {w}" for n, w in list(skipped.items())[:5])
+    more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""
+    return (f"nothing to quantize: targets {targets} matched no layer that can be quantized"
+            + (f"; skipped {why}{more}" if skipped else "")
+            + ". Pass allow_empty=True to accept an unchanged model")
 
 
 def _rule_for(recipe: Recipe, name: str, module: torch.nn.Module) -> Rule | None:
@@ -137,13 +226,14 @@ def _rule_for(recipe: Recipe, name: str, module: torch.nn.Module) -> Rule | None
     return chosen
 
 
-def unsupported_reason(module: torch.nn.Module, spec: QuantSpec) -> str | None:
-    """Why ``module`` cannot be quantized under ``spec``, or None if it can."""
-    if type(module) not in SWAP_TABLE:
+def unsupported_reason(module: torch.nn.Module, spec: QuantSpec, input_mode: str | None = None
+                       ) -> str | None:
+    """Why ``module`` cannot be quantized under ``spec`` (and ``input_mode``), or None if it can."""
+    if quantized_class(module, "affine", None) is None:
         return f"unsupported module type {type(module).__name__}; supported: " + \
-            ", ".join(c.__name__ for c in SWAP_TABLE)
-    if spec.act_bits:
-        return f"scheme {spec.name} quantizes activations, which lowbit does not do yet"
+            ", ".join(c.__name__ for c in float_classes())
+    if quantized_class(module, "affine", input_mode) is None:
+        return f"{input_mode} int8 inputs are not built for {type(module).__name__} yet"
     w = module.weight
     if isinstance(module, torch.nn.Embedding) and (module.max_norm is not None or module.sparse):
         return "embeddings with max_norm or sparse gradients are not supported"

@@ -128,7 +128,7 @@ def test_target_by_exact_name():
 
 
 def test_exact_name_is_not_a_prefix():
-    p = plan(Net(), Recipe((rule(["blocks.0.mlp"]),)))  # a container, not its children
+    p = plan(Net(), Recipe((rule(["blocks.0.mlp"]),)), allow_empty=True)  # a container, not its children
     assert p.layers == {}
     assert list(p.skipped) == ["blocks.0.mlp"]
     assert "unsupported module type Sequential" in p.skipped["blocks.0.mlp"]
@@ -143,7 +143,9 @@ def test_target_by_class_name():
 def test_target_by_regex_is_a_full_match():
     p = plan(Net(), Recipe((rule([r"re:blocks\.\d+\.mlp\.\d+"]),)))
     assert sorted(p.layers) == ["blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"]
-    assert plan(Net(), Recipe((rule(["re:mlp"]),))).layers == {}  # no substring matches
+    assert plan(Net(), Recipe((rule(["re:mlp"]),)), allow_empty=True).layers == {}  # no substring matches
+    with pytest.raises(RecipeError, match=r"\['re:mlp'\] match no module"):
+        plan(Net(), Recipe((rule(["re:mlp"]),)))
 
 
 def test_ignore_by_regex_name_and_class():
@@ -179,7 +181,7 @@ def test_group_size_not_dividing_in_features_is_skipped_with_reason():
 
 
 def test_unsupported_types_reported_by_name():
-    p = plan(Net(), Recipe((rule(["LayerNorm", "GELU"]),)))
+    p = plan(Net(), Recipe((rule(["LayerNorm", "GELU"]),)), allow_empty=True)
     assert sorted(p.skipped) == ["blocks.0.mlp.1", "blocks.0.norm", "blocks.1.mlp.1", "blocks.1.norm"]
     assert "unsupported module type LayerNorm" in p.skipped["blocks.0.norm"]
     assert "unsupported module type GELU" in p.skipped["blocks.0.mlp.1"]
@@ -188,7 +190,7 @@ def test_unsupported_types_reported_by_name():
 
 
 @pytest.mark.parametrize("module,scheme,reason", [
-    (nn.Linear(32, 32), "w8a8", "activations"),
+    (nn.Linear(32, 32), "w8a8", "dynamic int8 inputs are not built"),
     (nn.Embedding(10, 32, max_norm=1.0), "w8r", "max_norm"),
     (nn.Embedding(10, 32, sparse=True), "w8r", "sparse"),
     (nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), "w8", "padding_mode 'reflect'"),
@@ -196,9 +198,12 @@ def test_unsupported_types_reported_by_name():
 ])
 def test_skip_reasons(module, scheme, reason):
     model = nn.Sequential(module)
-    p = plan(model, Recipe((rule(["0"], scheme),), skip_output_head=False))
+    p = plan(model, Recipe((rule(["0"], scheme),), skip_output_head=False), allow_empty=True)
     assert p.layers == {}
     assert reason in p.skipped["0"]
+    with pytest.raises(RecipeError, match="nothing to quantize") as info:  # without allow_empty
+        plan(model, Recipe((rule(["0"], scheme),), skip_output_head=False))
+    assert reason in str(info.value)
 
 
 def test_plan_does_not_change_the_model():

@@ -6,27 +6,31 @@ import torch
 import torch.nn.functional as F
 
 from ..primitives import QuantizedWeight
+from ..spec import ActSpec
 from .base import QuantizedModule
+from .registry import register
 
 
+@register(torch.nn.Conv2d, "affine")
 class QConv2d(QuantizedModule):
     def __init__(self, qw: QuantizedWeight, conv: torch.nn.Conv2d, method: str = "rtn",
-                 sqnr_db: float | None = None) -> None:
+                 sqnr_db: float | None = None, input_spec: ActSpec | None = None) -> None:
         super().__init__()
-        self._set_weight(qw, method, sqnr_db)
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups = conv.groups
         if conv.padding_mode != "zeros":
             raise ValueError(f"QConv2d supports padding_mode='zeros' only, found {conv.padding_mode!r}")
+        self._set_weight(qw, method, sqnr_db, input_spec)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
         self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().float(),
                                                                       requires_grad=False)
+        self.rebuild()
 
     @classmethod
     def from_float(cls, conv: torch.nn.Conv2d, qw: QuantizedWeight, method: str = "rtn",
-                   sqnr_db: float | None = None) -> "QConv2d":
-        return cls(qw, conv, method, sqnr_db)
+                   sqnr_db: float | None = None, input_spec: ActSpec | None = None) -> "QConv2d":
+        return cls(qw, conv, method, sqnr_db, input_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        w = self.dequantized_weight(torch.float32)
+        y = F.conv2d(x.float(), w, self._float_bias(), self.stride, self.padding, self.dilation, self.groups)
+        return y.to(x.dtype)

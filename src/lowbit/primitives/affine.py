@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QuantizationError
 from ..spec import QuantSpec
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -23,10 +24,6 @@ _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MIN_RELATIVE_SCALE = 2.0 ** -9
 # The smallest scale stored: float16's smallest subnormal keeps tiny groups (amax ~1e-4) usable.
 SMALLEST_SCALE = {"float16": 2.0 ** -24, "float32": torch.finfo(torch.float32).tiny}
-
-
-class QuantizationError(ValueError):
-    """A tensor that cannot be quantized with a given spec; the message names the tensor."""
 
 
 def scale_dtype(spec: QuantSpec) -> torch.dtype:
@@ -107,10 +104,18 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return ((q.float() - zp) * scale.float().unsqueeze(-1)).to(dtype)
 
 
-def _zp(zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | float:
+def zero_points(zero_point: torch.Tensor | None, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The zero point of every group as float32 (R, G): the stored one, or the implicit
+    ``2**(bits-1)`` of a symmetric spec. The one place a zero point is resolved."""
     if spec.symmetric:
+        return torch.full(scale.shape, float(implicit_zero_point(spec)))
+    return zero_point.float()
+
+
+def _zp(zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | float:
+    if spec.symmetric:  # a scalar broadcasts for free
         return float(implicit_zero_point(spec))
-    return zero_point.float().unsqueeze(-1)
+    return zero_points(zero_point, zero_point, spec).unsqueeze(-1)
 
 
 def fake_quantize_groups(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
