@@ -2,7 +2,7 @@
 
 The public verbs: `quantize`, `plan`, `save`, `load`. Nothing happens at import.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .api import make_recipe, plan, quantize
 from .io import FormatError, load, save

@@ -12,6 +12,7 @@ what is on disk. All arithmetic on these values is exact in float32, so there is
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -102,10 +103,10 @@ W8_QDATA = [_W8_BY_R_MOD_4[r % 4] for r in range(ROWS)]
 W8_SCALE = [(r + 1) / 64 for r in range(ROWS)]  # 0.015625 .. 0.25, all exact in float16
 
 SPEC = {
-    "w4g32": {"act_bits": None, "act_static": False, "bits": 4, "granularity": "group",
+    "w4g32": {"bits": 4, "granularity": "group",
               "group_size": 32, "percentile": 99.9, "range_method": "minmax",
               "scale_dtype": "float16", "symmetric": False},
-    "w8": {"act_bits": None, "act_static": False, "bits": 8, "granularity": "channel",
+    "w8": {"bits": 8, "granularity": "channel",
            "group_size": None, "percentile": 99.9, "range_method": "minmax",
            "scale_dtype": "float16", "symmetric": True},
 }
@@ -136,6 +137,7 @@ EXPECTED_BYTES = {
 }
 
 WEIGHT = {"w4g32": w4_weight, "w8": w8_weight}
+TENSORS = {"w4g32": ["qdata", "scale", "zero_point"], "w8": ["qdata", "scale"]}
 
 
 def saved_file(scheme: str, folder) -> tuple[dict, bytes, One]:
@@ -176,11 +178,17 @@ def test_tensor_bytes(scheme, tmp_path):
 def test_layer_entry(scheme, tmp_path):
     header, _, _ = saved_file(scheme, tmp_path)
     doc = json.loads(header["__metadata__"]["lowbit"])
-    assert doc["format_version"] == 1 and doc["packing_version"] == 1 and doc["tied"] == {}
+    assert doc["format_version"] == 2 and doc["packing_version"] == 1 and doc["tied"] == {}
+    assert doc["files"] == {} and doc["model"] == {} and doc["nonpersistent"] == []
     entry = doc["layers"]["proj"]
     assert set(doc["layers"]) == {"proj"}
     assert {k: v for k, v in entry.items() if k != "sqnr_db"} == {
-        "class": "QLinear", "method": "rtn", "shape": [16, 32], "spec": SPEC[scheme]}
+        "class": "QLinear", "kind": "affine", "method": "rtn", "shape": [16, 32], "spec": SPEC[scheme],
+        "input": None, "tensors": TENSORS[scheme], "dtype": "float32", "aliases": []}
+    # the seal: SHA-256 of the document without it, as compact JSON with sorted keys
+    body = {k: v for k, v in doc.items() if k != "header_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert doc["header_sha256"] == hashlib.sha256(canonical).hexdigest()
     # the only quantization error is the ties, each half a step: one per row (w4g32, column 31)
     # and eight per row (w8, columns 1, 5, ..., 29)
     ties = {"w4g32": 1, "w8": 8}[scheme]
@@ -215,3 +223,24 @@ def test_loaded_weight_is_the_expected_grid(scheme, tmp_path):
         want[:, ties] = w[:, ties] + (up - 0.5) * scale
     assert torch.equal(w_hat, want)
     assert torch.equal(loaded.proj.bias, BIAS)
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w8"])
+def test_format_1_file_still_loads(scheme, tmp_path):
+    """A file in format 1's exact header shape (no seal, no kind/tensors, spec dicts with the old
+    act_bits/act_static fields) written by hand around the same tensors loads to the same model."""
+    header, data, model = saved_file(scheme, tmp_path)
+    v2 = json.loads(header.pop("__metadata__")["lowbit"])
+    v1 = {"format_version": 1, "packing_version": 1, "tied": {}, "nonpersistent": [],
+          "tensors_sha256": v2["tensors_sha256"], "provenance": v2["provenance"],
+          "layers": {"proj": {"class": "QLinear", "method": "rtn", "shape": [16, 32], "sqnr_db": 40.0,
+                              "spec": {**SPEC[scheme], "act_bits": None, "act_static": False}}}}
+    header["__metadata__"] = {"lowbit": json.dumps(v1)}
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    old = tmp_path / "v1.safetensors"
+    old.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+    loaded = lowbit.load(old, One())
+    x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.proj.sqnr_db == 40.0

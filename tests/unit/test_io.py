@@ -23,7 +23,7 @@ import lowbit
 from lowbit.api import source_sha256
 from lowbit.io import FORMAT_VERSION, WEIGHTS_NAME, FormatError, read_file
 from lowbit.io import serialize
-from lowbit.io.format import tensors_sha256
+from lowbit.io.format import encode_header, tensors_sha256
 from lowbit.nn import QConv2d, QEmbedding, QLinear, QuantizedModule
 from lowbit.primitives import PACKING_VERSION
 from lowbit.recipe import Recipe, Rule
@@ -100,9 +100,11 @@ def lowbit_doc(header: dict) -> dict:
     return json.loads(header["__metadata__"]["lowbit"])
 
 
-def with_doc(header: dict, doc: dict) -> dict:
+def with_doc(header: dict, doc: dict, seal: bool = True) -> dict:
+    """``header`` carrying ``doc``; sealed with a matching header_sha256 unless ``seal=False`` (a
+    sealed edit is what a crafted file looks like: the deeper checks must catch it)."""
     header = copy.deepcopy(header)
-    header["__metadata__"]["lowbit"] = json.dumps(doc)
+    header["__metadata__"]["lowbit"] = encode_header(doc)["lowbit"] if seal else json.dumps(doc)
     return header
 
 
@@ -113,7 +115,7 @@ def rewrite_tensors(path: Path, edit) -> None:
     tensors = safetensors.torch.load_file(str(path))
     edit(tensors)
     doc["tensors_sha256"] = tensors_sha256(tensors)
-    safetensors.torch.save_file(tensors, str(path), metadata={"lowbit": json.dumps(doc)})
+    safetensors.torch.save_file(tensors, str(path), metadata=encode_header(doc))
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +283,7 @@ def test_header_document(saved):
     model, folder = saved
     header, data = read_raw(folder / WEIGHTS_NAME)
     doc = lowbit_doc(header)
-    assert doc["format_version"] == FORMAT_VERSION == 1
+    assert doc["format_version"] == FORMAT_VERSION == 2
     assert doc["packing_version"] == PACKING_VERSION
     assert doc["tied"] == {}
     assert set(doc["layers"]) == set(QCLASS)
@@ -327,14 +329,14 @@ def test_missing_file(tmp_path):
         lowbit.load(tmp_path, Net())
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 99, 0, "1", None])
 def test_wrong_format_version(saved_copy, version):
     header, data = read_raw(saved_copy)
     doc = lowbit_doc(header)
     doc["format_version"] = version
     write_raw(saved_copy, with_doc(header, doc), data)
     msg = load_error(saved_copy)
-    assert "format_version" in msg and repr(version) in msg and f"version {FORMAT_VERSION}" in msg
+    assert "format_version" in msg and repr(version) in msg and "reads versions (1, 2)" in msg
 
 
 def test_header_not_json(saved_copy):
@@ -457,10 +459,16 @@ def test_file_with_wrong_quantized_tensor_shape(saved_copy):
     assert "l8.scale" in msg and "(128, 1)" in msg and "(127, 1)" in msg
 
 
-def test_file_with_wrong_float_tensor_dtype(saved_copy):
+def test_file_with_another_float_dtype_loads_as_the_file_says(saved_copy):
+    """A model cast before saving (e.g. .half()) keeps the file's float dtype on load."""
     rewrite_tensors(saved_copy, lambda t: t.update({"head.weight": t["head.weight"].half()}))
+    assert lowbit.load(saved_copy, Net()).head.weight.dtype == torch.float16
+
+
+def test_file_with_wrong_float_tensor_dtype(saved_copy):
+    rewrite_tensors(saved_copy, lambda t: t.update({"head.weight": t["head.weight"].to(torch.int32)}))
     msg = load_error(saved_copy)
-    assert "'head.weight'" in msg and "torch.float16" in msg and "torch.float32" in msg
+    assert "'head.weight'" in msg and "torch.int32" in msg and "torch.float32" in msg
 
 
 def test_skeleton_without_a_float_layer_in_the_file(saved):
@@ -502,9 +510,10 @@ def test_failed_save_leaves_old_file_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(serialize, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         lowbit.save(quantized_net(seed=1), tmp_path)
-    assert written and Path(written[0]) != path and Path(written[0]).parent == tmp_path
+    assert written and Path(written[0]) != path and ".lowbit-tmp-" in Path(written[0]).parent.name
     assert path.read_bytes() == old_bytes
     assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME]
+    assert not [p for p in os.listdir(tmp_path.parent) if ".lowbit-tmp-" in p]  # cleaned up
     lowbit.load(tmp_path, Net())
 
 
