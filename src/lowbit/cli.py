@@ -3,6 +3,7 @@ public verbs; flags are spelled like the fields they set (``--scheme``, ``--targ
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", nargs="+", default=[], help="exact names, class names or re:<regex>")
     q.add_argument("--embeddings", default=None, metavar="SCHEME",
                    help="also quantize Embedding layers with this scheme (e.g. w8r)")
+    q.add_argument("--allow-empty", action="store_true",
+                   help="write the model even when nothing matched (otherwise an error)")
     i = sub.add_parser("inspect", help="per-layer table of a lowbit folder or file")
     i.add_argument("path")
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
@@ -32,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
-    from .models import copy_side_files, load_transformers, resolve_model_dir
+    from .models import load_transformers, resolve_model_dir, side_files
     from .recipe import Recipe, Rule
-    from .spec import parse_scheme
+    from .spec import parse
     for scheme_text in filter(None, (args.scheme, args.embeddings)):
-        parse_scheme(scheme_text)  # a typo fails before the model is loaded
+        parse(scheme_text)  # a typo fails before the model is loaded
+    out = Path(args.out)
+    check_out_dir(out)  # before the (long) quantization, not after it
     src = resolve_model_dir(args.path)
     model, _ = load_transformers(src)
     scheme = args.scheme
@@ -46,13 +51,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
     else:
         targets, ignore = args.targets, args.ignore
-    api.quantize(model, scheme, targets=targets, ignore=ignore, progress=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    copy_side_files(src, out)
-    path = io.save(model, out)
+    api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True)
+    path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def check_out_dir(out: Path) -> None:
+    """The output folder must be creatable and writable (an existing file or a read-only place
+    is an error now, not after the work is done)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as exc:  # our errors name the problem: show them plainly
+    except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly
         print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

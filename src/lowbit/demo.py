@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from . import api, io
 from .eval.embeddings import read_wordsim353, sentence_embeddings, wordsim_spearman
 from .eval.sentences import SENTENCES
-from .eval.timing import interleaved
+from .eval.timing import cpu_name, interleaved
 from .models import DEFAULT_MODEL, load_transformers, resolve_model_dir
 from .recipe import Recipe, Rule
+from .textable import text_table
 
 DEFAULT_SCHEMES = ("w8", "w4g128", "w4g32", "w4g128+emb8")
 
@@ -87,16 +88,14 @@ def run_demo(model_name: str = DEFAULT_MODEL, schemes: tuple[str, ...] = DEFAULT
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    head = (f"{'scheme':<13}{'size MB':>9}{'x fp32':>8}{'b64 ms':>9}{'b1 ms':>8}"
-            f"{'cos mean':>10}{'cos min':>9}{'WS353 rho':>11}")
-    lines = [head, "-" * len(head)]
-    fp32 = rows[0]
-    for r in rows:
-        lines.append(f"{r.scheme:<13}{r.size_mb:>9.1f}{r.ratio:>8.3f}{r.b64_ms:>9.1f}{r.b1_ms:>8.2f}"
-                     f"{r.cos_mean:>10.5f}{r.cos_min:>9.5f}{r.spearman:>11.4f}")
-    lines.append(f"latency: median of interleaved rounds; b64 = 64 sentences, b1 = one sentence; "
-                 f"{torch.get_num_threads()} thread(s). fp32 WordSim-353 Spearman {fp32.spearman:.4f}.")
-    return "\n".join(lines)
+    table = text_table(
+        ("scheme", "size MB", "x fp32", "b64 ms", "b1 ms", "cos mean", "cos min", "WS353 rho"),
+        [(r.scheme, f"{r.size_mb:.1f}", f"{r.ratio:.3f}", f"{r.b64_ms:.1f}", f"{r.b1_ms:.2f}",
+          f"{r.cos_mean:.5f}", f"{r.cos_min:.5f}", f"{r.spearman:.4f}") for r in rows],
+        (False,) + (True,) * 7)
+    return (f"{table}\nCPU: {cpu_name()}; latency: median of interleaved rounds; b64 = 64 sentences, "
+            f"b1 = one sentence; {torch.get_num_threads()} thread(s). "
+            f"fp32 WordSim-353 Spearman {rows[0].spearman:.4f}.")
 
 
 def main(json_path: str | None = None, **kwargs) -> list[DemoRow]:

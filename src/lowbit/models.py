@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -53,14 +52,13 @@ def load_transformers(model_dir: Path):
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".onnx", ".msgpack", ".ckpt")
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy what inference needs besides the weights (tokenizer, configs, pooling settings)."""
-    copied = []
+def side_files(src: Path) -> dict[str, Path]:
+    """What inference needs besides the weights (tokenizer, configs, pooling settings), as
+    {relative name: path}: handed to `lowbit.save`, which copies and checksums them."""
+    out = {}
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
-        if not f.is_file() or f.suffix in WEIGHT_SUFFIXES or rel.name.startswith("."):
+        if not f.is_file() or f.suffix in WEIGHT_SUFFIXES or any(p.startswith(".") for p in rel.parts):
             continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, dst / rel)
-        copied.append(str(rel))
-    return copied
+        out[rel.as_posix()] = f
+    return out

@@ -1,12 +1,25 @@
 """Side-by-side timing: methods interleaved round by round, reported as median and min."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+def cpu_name() -> str:
+    """The CPU model, for benchmark headers ("unknown" where the OS does not say)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @dataclass(frozen=True)
