@@ -64,8 +64,9 @@ def _common_rows(parts: dict[str, Any]) -> int:
     rows = {}
     for k, t in parts.items():
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            found = "a 0-d tensor" if isinstance(t, torch.Tensor) else type(t).__name__
             raise CalibrationDataError(f"entry {k or 'x'!r} must be a tensor with a batch dimension, "
-                                       f"found {type(t).__name__ if not isinstance(t, torch.Tensor) else 'a 0-d tensor'}")
+                                       f"found {found}")
         rows[k] = t.shape[0]
     if not rows or len(set(rows.values())) != 1 or 0 in rows.values():
         raise CalibrationDataError(f"the tensors must share a non-zero first dimension, found {rows}")
@@ -83,7 +84,8 @@ def text_batches(tokenizer: Any, source: "str | os.PathLike | Sequence[str]", sa
             raise CalibrationDataError(f"{name} must be a positive integer, found {v!r}")
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and seq_len > limit:
-        raise CalibrationDataError(f"seq_len {seq_len} is longer than the tokenizer's model_max_length {limit}")
+        raise CalibrationDataError(f"seq_len {seq_len} is longer than the tokenizer's "
+                                   f"model_max_length {limit}")
     lines, where = _read_lines(source)
     gen = torch.Generator().manual_seed(seed)
     if mode == "sentences":

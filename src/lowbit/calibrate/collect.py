@@ -51,7 +51,8 @@ def call_model(model: Callable, batch: Any, index: int = 0) -> Any:
         return model(*batch)
     if isinstance(batch, Mapping):
         return model(**batch)
-    raise CalibrationError(f"calibration batch {index} is a {type(batch).__module__}.{type(batch).__qualname__}; "
+    kind = f"{type(batch).__module__}.{type(batch).__qualname__}"
+    raise CalibrationError(f"calibration batch {index} is a {kind}; "
                            "a batch must be a Tensor (positional), a tuple/list (positional args) "
                            "or a dict (keyword args)")
 
@@ -171,7 +172,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def _resolve(model: torch.nn.Module, layer_names: Sequence[str]) -> dict[str, torch.nn.Module]:
     if isinstance(layer_names, str) or not layer_names:
-        raise CalibrationError(f"layer_names must be a non-empty list of submodule names, found {layer_names!r}")
+        raise CalibrationError("layer_names must be a non-empty list of submodule names, "
+                               f"found {layer_names!r}")
     named = dict(model.named_modules())
     missing = [n for n in layer_names if n not in named]
     if missing:

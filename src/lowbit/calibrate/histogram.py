@@ -77,9 +77,9 @@ class StreamingHistogram:
         self.width, self.start, self.counts, self.lo, self.hi = width, first, merged, lo, hi
 
     def _add(self, x: torch.Tensor) -> None:
-        idx = torch.floor(x / self.width).long() - self.start  # (N, C)
-        idx = idx.clamp_(0, self.bins - 1).T  # (C, N)
-        self.counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+        idx = (torch.floor(x / self.width).long() - self.start).clamp_(0, self.bins - 1)  # (N, C)
+        flat = idx + torch.arange(x.shape[1]) * self.bins  # (N, C): index into counts.view(-1)
+        self.counts += torch.bincount(flat.reshape(-1), minlength=self.counts.numel()).reshape(self.counts.shape)
 
     def edges(self) -> torch.Tensor:
         """Lower edges of the kept bins, (C, bins), and the upper edge of the last as column bins."""

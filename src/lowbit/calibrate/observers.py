@@ -267,7 +267,8 @@ class HistogramObserver(_HistogramBased):
         """The exact min-max range, then ranges over bin edges walking inwards: (C, steps) each."""
         h = self.hist
         move = max(1, math.ceil(h.bins * HISTOGRAM_MAX_CLIP / (self.config.steps - 1)))
-        cum = torch.nn.functional.pad(h.counts.cumsum(dim=1), (1, 0))  # (C, bins + 1); cum[:, j] = mass below edge j
+        # (C, bins + 1): cum[:, j] is the mass below edge j
+        cum = torch.nn.functional.pad(h.counts.cumsum(dim=1), (1, 0))
         edges = h.edges()  # (C, bins + 1)
         first = torch.zeros_like(h.start)  # kept bins: [first, last)
         last = torch.full_like(h.start, h.bins)
