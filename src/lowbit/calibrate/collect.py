@@ -1,0 +1,208 @@
+"""Scoped collection: run a model on calibration data and gather what each named layer receives.
+
+Hooks live only inside `collect` and `run_until`: they are registered in a ``try`` and removed in
+its ``finally``, so a model that raises mid-batch keeps no hook. The model runs in eval mode
+(each module's ``training`` flag is restored afterwards) and is otherwise untouched: no parameter,
+buffer or attribute is written.
+
+A batch is a Tensor (called as ``model(batch)``), a tuple or list (``model(*batch)``) or a dict
+(``model(**batch)``, as transformers models take).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .hessian import HessianAccumulator, HessianError
+from .observers import ObserverConfig, ObserverError, as_config, make_observer
+
+STATS = ("range", "hessian")
+
+
+class CalibrationError(ValueError):
+    """Bad calibration arguments or data; the message names the layer, batch or argument."""
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one layer received: its input range (by the observer), ``X^T X / n`` and row count."""
+    input_range: tuple[torch.Tensor, torch.Tensor] | None
+    hessian: torch.Tensor | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class CapturedInputs:
+    """The positional and keyword arguments one call of a submodule received."""
+    args: tuple
+    kwargs: dict
+
+
+def call_model(model: Callable, batch: Any, index: int = 0) -> Any:
+    """Run ``model`` on one batch: Tensor -> positional, tuple/list -> ``*args``, dict -> ``**kwargs``."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    kind = f"{type(batch).__module__}.{type(batch).__qualname__}"
+    raise CalibrationError(f"calibration batch {index} is a {kind}; "
+                           "a batch must be a Tensor (positional), a tuple/list (positional args) "
+                           "or a dict (keyword args)")
+
+
+def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
+            stats: Sequence[str] = STATS,
+            observer: "str | ObserverConfig | Mapping[str, str | ObserverConfig]" = "minmax",
+            progress: bool = True) -> dict[str, LayerStats]:
+    """Run ``model`` on every batch of ``data`` under ``torch.inference_mode()`` and return, for
+    each named submodule, the range of its first input (``stats`` has "range"; ``observer`` is a
+    name, an `ObserverConfig`, or a dict layer name -> either) and/or its input Hessian
+    (``stats`` has "hessian"), with the number of input rows (tokens) it saw.
+    """
+    stats = _check_stats(stats)
+    modules = _resolve(model, layer_names)
+    observers = {n: make_observer(_observer_for(observer, n)) for n in modules} if "range" in stats else {}
+    hessians = {n: HessianAccumulator() for n in modules} if "hessian" in stats else {}
+    samples = dict.fromkeys(modules, 0)
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_input(name, args, kwargs)
+            try:
+                if name in observers:
+                    observers[name].update(x)
+                if name in hessians:
+                    hessians[name].update(x)
+            except (ObserverError, HessianError) as exc:
+                raise CalibrationError(f"layer {name!r}: {exc}") from exc
+            samples[name] += x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+        return hook
+
+    with _eval_mode(model), _hooks(modules, make_hook), torch.inference_mode():
+        _run(model, data, progress)
+    unseen = [n for n, k in samples.items() if k == 0]
+    if unseen:
+        raise CalibrationError(f"layers never called during calibration (no inputs seen): {unseen}")
+    return {n: LayerStats(observers[n].range() if n in observers else None,
+                          hessians[n].hessian() if n in hessians else None, samples[n])
+            for n in modules}
+
+
+def run_until(model: torch.nn.Module, batch: Any, module_name: str) -> CapturedInputs:
+    """Run ``model`` on one batch until submodule ``module_name`` is called; return its arguments
+    and stop the forward there (what block-by-block GPTQ feeds each block).
+
+    Runs under ``torch.no_grad()``, not inference mode, so the captured tensors are ordinary
+    tensors that later code may feed to a block whose weights it then edits.
+    """
+    target = _resolve(model, [module_name])[module_name]
+    captured: list[CapturedInputs] = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(CapturedInputs(tuple(args), dict(kwargs)))
+            raise _StopForward
+        return hook
+
+    with _eval_mode(model), _hooks({module_name: target}, make_hook), torch.no_grad():
+        try:
+            call_model(model, batch)
+        except _StopForward:
+            pass
+    if not captured:
+        raise CalibrationError(f"the forward finished without calling {module_name!r}")
+    return captured[0]
+
+
+def capture_inputs(model: torch.nn.Module, data: Iterable, module_name: str,
+                   progress: bool = False) -> list[CapturedInputs]:
+    """`run_until` on every batch of ``data``: the inputs ``module_name`` receives, one per batch."""
+    return [run_until(model, b, module_name)
+            for b in tqdm(data, desc="capture", disable=not progress, unit="batch", file=sys.stderr)]
+
+
+class _StopForward(BaseException):
+    """Raised by `run_until`'s hook and caught there. A BaseException, so that a model's own
+    ``except Exception`` cannot swallow it and run on."""
+
+
+def _run(model: torch.nn.Module, data: Iterable, progress: bool) -> None:
+    if isinstance(data, (torch.Tensor, Mapping, str, bytes)):
+        raise CalibrationError(f"data must be an iterable of batches, found a single "
+                               f"{type(data).__name__}; wrap it in a list or use "
+                               "lowbit.calibration.batches_from_tensors")
+    for i, batch in enumerate(tqdm(data, desc="calibrate", disable=not progress, unit="batch",
+                                   file=sys.stderr)):
+        try:
+            call_model(model, batch, i)
+        except Exception as exc:
+            exc.add_note(f"lowbit.calibrate: while running calibration batch {i}")
+            raise
+
+
+@contextlib.contextmanager
+def _hooks(modules: Mapping[str, torch.nn.Module], make_hook: Callable) -> Iterator[None]:
+    handles = []
+    try:
+        for name, m in modules.items():
+            handles.append(m.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, was in flags:
+            m.training = was
+
+
+def _resolve(model: torch.nn.Module, layer_names: Sequence[str]) -> dict[str, torch.nn.Module]:
+    if isinstance(layer_names, str) or not layer_names:
+        raise CalibrationError("layer_names must be a non-empty list of submodule names, "
+                               f"found {layer_names!r}")
+    named = dict(model.named_modules())
+    missing = [n for n in layer_names if n not in named]
+    if missing:
+        some = [n for n in named if n][:8]
+        raise CalibrationError(f"no submodule named {missing} in {type(model).__name__}; "
+                               f"submodules include {some}")
+    return {n: named[n] for n in dict.fromkeys(layer_names)}
+
+
+def _check_stats(stats: Sequence[str]) -> tuple[str, ...]:
+    stats = (stats,) if isinstance(stats, str) else tuple(stats)
+    bad = [s for s in stats if s not in STATS]
+    if bad or not stats:
+        raise CalibrationError(f"stats must be a non-empty subset of {STATS}, found {stats!r}")
+    return stats
+
+
+def _observer_for(observer: Any, name: str) -> ObserverConfig:
+    if isinstance(observer, Mapping):
+        if name not in observer:
+            raise CalibrationError(f"no observer given for layer {name!r}; the observer dict names "
+                                   f"{sorted(observer)}")
+        return as_config(observer[name])
+    return as_config(observer)
+
+
+def _first_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(x, torch.Tensor):
+        raise CalibrationError(f"layer {name!r} was called without a tensor as its first input "
+                               f"(found {type(x).__name__}); only such layers can be calibrated")
+    return x
