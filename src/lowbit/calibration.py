@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from .errors import LowbitError
 
 MODES = ("sentences", "windows")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(LowbitError):
     """Calibration data that cannot make the batches asked for; the message says why."""
 
 

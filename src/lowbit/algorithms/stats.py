@@ -8,9 +8,13 @@ import torch
 
 @dataclass(frozen=True)
 class LayerStats:
-    """input_range: per-tensor (lo, hi) of the layer's inputs seen in calibration, or None;
-    hessian: ``X^T X / n`` over every input row (in_features, in_features), or None;
-    samples: input rows seen."""
-    input_range: tuple[float, float] | None = None
+    """What one layer received in calibration (`lowbit.calibrate.collect` makes these):
+
+    input_range: (lo, hi) of its inputs chosen by the observer (scalars per tensor, or per input
+                 channel), or None when ranges were not collected;
+    hessian:     ``X^T X / n`` over every input row, float64 (in_features, in_features), or None;
+    samples:     input rows seen.
+    """
+    input_range: tuple[torch.Tensor, torch.Tensor] | None = None
     hessian: torch.Tensor | None = None
     samples: int = 0

@@ -18,22 +18,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..algorithms.stats import LayerStats
 from .hessian import HessianAccumulator, HessianError
 from .observers import ObserverConfig, ObserverError, as_config, make_observer
+from ..errors import LowbitError
 
 STATS = ("range", "hessian")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LowbitError):
     """Bad calibration arguments or data; the message names the layer, batch or argument."""
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """What one layer received: its input range (by the observer), ``X^T X / n`` and row count."""
-    input_range: tuple[torch.Tensor, torch.Tensor] | None
-    hessian: torch.Tensor | None
-    samples: int
 
 
 @dataclass(frozen=True)

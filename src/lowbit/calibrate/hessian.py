@@ -9,9 +9,10 @@ Sums are float64 whatever the input dtype, so millions of tokens add up without 
 from __future__ import annotations
 
 import torch
+from ..errors import LowbitError
 
 
-class HessianError(ValueError):
+class HessianError(LowbitError):
     """A bad input to, or an empty, `HessianAccumulator`."""
 
 

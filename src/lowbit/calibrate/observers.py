@@ -31,6 +31,7 @@ import torch
 
 from ..primitives.ranges import MSE_MAX_SHRINK
 from .histogram import StreamingHistogram, int8_spec, weighted_error
+from ..errors import LowbitError
 
 OBSERVER_VERSION = 1
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "histogram")
@@ -40,7 +41,7 @@ _FIELDS_USED = {"minmax": (), "ema": ("momentum",), "percentile": ("percentile",
                 "mse": ("bins", "steps"), "histogram": ("bins", "steps")}
 
 
-class ObserverError(ValueError):
+class ObserverError(LowbitError):
     """A bad observer config, state or input; the message names it."""
 
 
