@@ -15,7 +15,7 @@ import torch
 
 from .errors import RecipeError, SchemeError
 from .nn import float_classes, quantized_class
-from .primitives.affine import as_2d
+from .primitives.affine import as_2d, group_mismatch
 from .spec import ActSpec, QuantSpec, Scheme, parse
 
 METHODS = ("rtn",)
@@ -239,7 +239,4 @@ def unsupported_reason(module: torch.nn.Module, spec: QuantSpec, input_mode: str
         return "embeddings with max_norm or sparse gradients are not supported"
     if isinstance(module, torch.nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode {module.padding_mode!r} is not supported"
-    cols = as_2d(w).shape[1] if w.dim() > 1 else w.numel()
-    if spec.granularity == "group" and cols % spec.group_size:
-        return f"{cols} input columns are not divisible by group_size {spec.group_size}"
-    return None
+    return group_mismatch(as_2d(w).shape[1] if w.dim() > 1 else w.numel(), spec)

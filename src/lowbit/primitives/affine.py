@@ -44,10 +44,17 @@ def as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1)
 
 
+def group_mismatch(cols: int, spec: QuantSpec) -> str | None:
+    """Why ``cols`` columns cannot be split into the spec's groups, or None (the one place)."""
+    if spec.granularity == "group" and cols % spec.group_size:
+        return f"{cols} input columns are not divisible by group_size {spec.group_size}"
+    return None
+
+
 def check_groupable(shape2d: tuple[int, int], spec: QuantSpec, name: str = "tensor") -> None:
-    if spec.granularity == "group" and shape2d[1] % spec.group_size:
-        raise QuantizationError(
-            f"{name}: {shape2d[1]} columns are not divisible by group_size {spec.group_size}")
+    why = group_mismatch(shape2d[1], spec)
+    if why:
+        raise QuantizationError(f"{name}: {why}")
 
 
 def as_groups(x2d: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> torch.Tensor:
