@@ -55,8 +55,9 @@ def test_ste_gradient_by_hand():
     # v = w/0.125 + 8 = [0, 8, 12, 24, 15, 0.8, 10.4] -> codes clamp(round) = [1, 8, 12, 15, 15, 1, 10]
     assert out.detach().tolist() == [[-0.875, 0.0, 0.5, 0.875, 0.875, -0.875, 0.25]]
     out.backward(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]))
-    # inside iff 1 <= v <= 15: -1 (v=0) and 2 (v=24) and -0.9 (v=0.8) are clipped
-    assert w.grad.tolist() == [[0.0, 2.0, 3.0, 0.0, 5.0, 0.0, 7.0]]
+    # inside iff the clamp keeps round(v): 0.5 <= v < 15.5; -1 (v=0) and 2 (v=24) are clipped,
+    # -0.9 (v=0.8, rounds to qmin) is not
+    assert w.grad.tolist() == [[0.0, 2.0, 3.0, 0.0, 5.0, 6.0, 7.0]]
 
 
 def test_lsq_step_gradient_by_hand():
@@ -104,7 +105,8 @@ def test_lsq_step_gradient_matches_finite_difference(bits, symmetric):
         (torch.round(w / step.detach() + (z if symmetric else zp.float())) < qmin).any()
 
 
-def test_lsq_weight_gradient_is_ste():
+def test_lsq_weight_gradient_uses_the_papers_range():
+    """LSQ passes w's gradient where qmin <= v <= qmax (the paper's -Q_N <= v/s <= Q_P)."""
     spec, w, scale = hand_case()
     w.requires_grad_(True)
     lsq_fake_quantize(w, scale.float(), spec, grad_scale=1.0).sum().backward()

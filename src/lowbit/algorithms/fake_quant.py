@@ -8,8 +8,10 @@ Notation per group (see `primitives.affine`): ``v = w / s + z`` (unrounded code)
 ``[qmin, qmax]``, ``w_hat = (clamp(round(v), qmin, qmax) - z) * s``.
 
 - STE (Bengio et al. 2013, arXiv 1308.3432; the clipped form of Jacob et al. 2018, arXiv
-  1712.05877): ``dL/dw = dL/dw_hat`` where ``qmin <= v <= qmax`` (inside the clipping range),
-  0 outside.
+  1712.05877): ``dL/dw = dL/dw_hat`` where the clamp leaves the rounded code unchanged
+  (``qmin - 1/2 <= v < qmax + 1/2``, inside the clipping range), 0 outside. The half-code margin
+  keeps the gradient of a min-max range's own ends, which a float16 zero point can put a hair
+  outside ``[qmin, qmax]``.
 - LSQ, learned step size (Esser et al. 2020, arXiv 1902.08153): the step ``s`` is a parameter.
   Its gradient (eq. 3 of the paper), with round's derivative taken as 1::
 
@@ -35,6 +37,9 @@ from ..primitives.affine import (SMALLEST_SCALE, QuantizationError, _round_up, a
 from ..primitives.ranges import choose_range
 from ..spec import QuantSpec
 
+# STE: a code is clipped when rounding lands outside [qmin, qmax], i.e. v beyond half a code
+STE_MARGIN = 0.5
+
 
 def qparams(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -56,11 +61,13 @@ def _zp_groups(zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor
 
 
 def _inside(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-            spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unrounded codes ``v`` (R, G, S) and the mask ``qmin <= v <= qmax``."""
+            spec: QuantSpec, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unrounded codes ``v`` (R, G, S) and the mask ``qmin - margin <= v <= qmax + margin``
+    (the upper end strict when ``margin`` > 0)."""
     qmin, qmax = code_range(spec)
     v = xg.float() / scale.float().unsqueeze(-1) + _zp_groups(zero_point, spec)
-    return v, (v >= qmin) & (v <= qmax)
+    upper = v < qmax + margin if margin else v <= qmax
+    return v, (v >= qmin - margin) & upper
 
 
 class _STEFakeQuant(torch.autograd.Function):
@@ -69,7 +76,7 @@ class _STEFakeQuant(torch.autograd.Function):
         xg = as_groups(as_2d(w), spec, name)  # (R, G, S)
         codes = quantize_codes(xg, scale, zero_point, spec)
         out = dequantize_codes(codes, scale, zero_point, spec, w.dtype).reshape(w.shape)
-        _, inside = _inside(xg, scale, zero_point, spec)
+        _, inside = _inside(xg, scale, zero_point, spec, STE_MARGIN)
         ctx.save_for_backward(inside.reshape(w.shape))
         return out
 
@@ -113,7 +120,7 @@ class _LSQFakeQuant(torch.autograd.Function):
         xg = as_groups(as_2d(w), spec, name)  # (R, G, S)
         codes = quantize_codes(xg, scale, zero_point, spec)
         out = dequantize_codes(codes, scale, zero_point, spec, w.dtype).reshape(w.shape)
-        v, inside = _inside(xg, scale, zero_point, spec)
+        v, inside = _inside(xg, scale, zero_point, spec, 0.0)
         ctx.save_for_backward(codes, v, inside, scale, _zp_tensor(zero_point, spec))
         ctx.spec, ctx.grad_scale, ctx.w_shape, ctx.step_dtype = spec, grad_scale, w.shape, step.dtype
         return out
