@@ -34,6 +34,8 @@ import torch
 from ..primitives.affine import (SMALLEST_SCALE, QuantizationError, _round_up, as_2d, as_groups,
                                  code_range, dequantize_codes, implicit_zero_point,
                                  params_from_range, quantize_codes, scale_dtype)
+from ..primitives.packing import pack
+from ..primitives.qweight import QuantizedWeight
 from ..primitives.ranges import choose_range
 from ..spec import QuantSpec
 
@@ -167,3 +169,18 @@ def init_step(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
     learned) and the fixed zero point (stored dtype, or None when symmetric)."""
     scale, zero_point = qparams(w, spec, name)
     return scale.float().clone(), zero_point
+
+
+def quantize_with_params(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                         zero_point: torch.Tensor | None, name: str = "weight") -> QuantizedWeight:
+    """The `QuantizedWeight` for ``w`` under given parameters (a learned LSQ step goes through
+    `stored_step` first; a frozen observer's scale as is): what `qat.convert` stores. Its
+    ``dequantize()`` equals the fake-quant forward with the same parameters bit for bit."""
+    w = w.detach()
+    xg = as_groups(as_2d(w.float()), spec, name)  # (R, G, S)
+    want = tuple(xg.shape[:2])
+    if tuple(scale.shape) != want or scale.dtype != scale_dtype(spec):
+        raise QuantizationError(f"{name}: scale must be {want} {scale_dtype(spec)}, found "
+                                f"{tuple(scale.shape)} {scale.dtype}")
+    codes = quantize_codes(xg, scale, zero_point, spec).reshape(as_2d(w).shape)
+    return QuantizedWeight(pack(codes, spec.bits), scale.detach(), zero_point, spec, tuple(w.shape))
