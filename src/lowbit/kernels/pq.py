@@ -61,7 +61,7 @@ def cached_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def gather_linear(x2d: torch.Tensor, centroids: torch.Tensor, index: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """``centroids`` float32 (k, block_size), ``index`` int64 (out, n_blocks); differentiable in
+    """``centroids`` float32 (k, block_size), ``index`` int32/int64 (out, n_blocks); differentiable in
     ``centroids`` (and ``bias``)."""
     w = F.embedding(index, centroids).reshape(index.shape[0], -1)  # (out, n_blocks * block_size)
     return F.linear(x2d.float(), w, bias)
