@@ -79,3 +79,29 @@ def test_tensors_and_state_dict_names():
         PQLinear.from_float(torch.nn.Linear(32, 64), cw, name="fc")
     with pytest.raises(ValueError, match="unknown PQ form 'fast'"):
         layer.set_form("fast")
+
+
+def test_pq_conv2d_matches_conv_on_the_dequantized_weight():
+    from lowbit.nn.pq import PQConv2d
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    cw = quantize_codebook(conv.weight, 16, 9, torch.Generator().manual_seed(0), n_iter=3)
+    layer = PQConv2d(cw, conv)
+    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.conv2d(x, cw.dequantize(), conv.bias, 2, 1)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+    assert sorted(layer.tensors()) == ["assignments", "bias", "centroids"]
+    layer.train_centroids(True)
+    layer(x).sum().backward()
+    assert layer.centroids.grad is not None and layer.centroids.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("k", (16, 300))
+def test_pq_embedding_lookup_equals_dequantized_rows(k):
+    from lowbit.nn.pq import PQEmbedding
+    w = torch.randn(400, 32, generator=torch.Generator().manual_seed(2))
+    cw = quantize_codebook(w, k, 4, torch.Generator().manual_seed(3), n_iter=2)
+    layer = PQEmbedding(cw)
+    ids = torch.tensor([[0, 399, 5], [5, 17, 0]])
+    assert torch.equal(layer(ids), cw.dequantize()[ids])
+    assert sorted(layer.state_dict()) == ["assignments", "centroids"]

@@ -1,5 +1,7 @@
-"""`PQLinear`: a Linear whose weight is a product-quantized `CodebookWeight` (iPQ, Stock et al.,
-arXiv 1907.05686), computed by the forms of `lowbit.kernels.pq`.
+"""`PQLinear`, `PQConv2d`, `PQEmbedding`: layers whose weight is a product-quantized
+`CodebookWeight` (iPQ, Stock et al., arXiv 1907.05686). PQLinear runs the forms of
+`lowbit.kernels.pq`; PQConv2d gathers its weight from the centroids on each call (no faster form built yet);
+PQEmbedding gathers only the looked-up rows' centroids.
 
 State dict (the file's tensors, names from `CodebookWeight.tensors`): ``centroids`` (a Parameter,
 frozen unless `train_centroids(True)`), ``assignments`` (uint8 buffer), ``bias``. The forms'
@@ -13,12 +15,48 @@ Runtime memory beyond the file's bytes: an int32 index per block for each of the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels import pq
-from ..primitives.codebook import CodebookWeight
+from ..primitives.codebook import CodebookWeight, unpack_assignments
 
 
-class PQLinear(torch.nn.Module):
+class PQModule(torch.nn.Module):
+    """Shared state of the PQ layers: ``centroids`` (a Parameter, frozen unless
+    `train_centroids(True)`) and ``assignments`` (a uint8 buffer), the codebook's own names."""
+
+    def _set_codebook(self, cw: CodebookWeight, name: str) -> None:
+        cw.check(name)
+        self.weight_shape, self.block_size = tuple(cw.shape), cw.block_size
+        self.centroids = torch.nn.Parameter(cw.centroids.clone(), requires_grad=False)
+        self.register_buffer("assignments", cw.assignments.clone())
+
+    @property
+    def codebook(self) -> CodebookWeight:
+        return CodebookWeight(self.centroids.detach(), self.assignments, self.weight_shape,
+                              self.block_size)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.codebook.nbytes
+
+    def train_centroids(self, on: bool = True) -> None:
+        """Let an optimizer update the centroids (iPQ's finetuning between stages)."""
+        self.centroids.requires_grad_(on)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's stored tensors by name (the weight's own names, plus ``bias``)."""
+        out = dict(self.codebook.tensors())
+        if getattr(self, "bias", None) is not None:
+            out["bias"] = self.bias.detach()
+        return out
+
+    def _index(self) -> torch.Tensor:
+        """int64 (rows, n_blocks) centroid indices (unpacked per call: cheap next to the gather)."""
+        return self.codebook.indices()
+
+
+class PQLinear(PQModule):
     """y = x @ W^T + b with W = centroids[assignments] (blocks of ``block_size`` inputs).
 
     ``cache=True`` keeps the reconstructed fp32 weight (fp32's speed, fp32's memory); otherwise
@@ -29,18 +67,15 @@ class PQLinear(torch.nn.Module):
     def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None, cache: bool = False,
                  name: str = "weight") -> None:
         super().__init__()
-        cw.check(name)
         if len(cw.shape) != 2:
             raise ValueError(f"{name}: PQLinear needs a 2-D (out, in) codebook weight, found {cw.shape}")
+        self._set_codebook(cw, name)
         self.out_features, self.in_features = cw.shape
-        self.block_size, self.cache = cw.block_size, cache
-        self.centroids = torch.nn.Parameter(cw.centroids.clone(), requires_grad=False)
-        self.register_buffer("assignments", cw.assignments.clone())
+        self.cache = cache
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(),
                                                                  requires_grad=False)
         self.force_form: str | None = None
-        self._derived_key: tuple | None = None
-        self._derived_state: dict[str, torch.Tensor] = {}
+        self._derived_state: dict[str, tuple[tuple, torch.Tensor]] = {}  # key -> (stamp, tensor)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, cw: CodebookWeight, cache: bool = False,
@@ -50,41 +85,22 @@ class PQLinear(torch.nn.Module):
                              f"{tuple(linear.weight.shape)}")
         return cls(cw, linear.bias, cache, name)
 
-    @property
-    def codebook(self) -> CodebookWeight:
-        return CodebookWeight(self.centroids.detach(), self.assignments,
-                              (self.out_features, self.in_features), self.block_size)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """This layer's stored tensors by name (the weight's own names, plus ``bias``)."""
-        out = dict(self.codebook.tensors())
-        if self.bias is not None:
-            out["bias"] = self.bias.detach()
-        return out
-
-    @property
-    def weight_nbytes(self) -> int:
-        return self.codebook.nbytes
-
-    def train_centroids(self, on: bool = True) -> None:
-        """Let an optimizer update the centroids (iPQ's finetuning between stages)."""
-        self.centroids.requires_grad_(on)
-
     def set_form(self, form: str | None) -> None:
         if form is not None and form not in pq.FORMS:
             raise ValueError(f"unknown PQ form {form!r}; forms: {pq.FORMS}")
         self.force_form = form
 
     def _derived(self, key: str) -> torch.Tensor:
-        """A form's derived tensor, rebuilt whenever centroids or assignments changed."""
-        now = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-                    for t in (self.centroids, self.assignments))
-        if now != self._derived_key:
-            self._derived_key, self._derived_state = now, {}
-        if key not in self._derived_state:
+        """A form's derived tensor, rebuilt whenever a tensor it derives from changed (the cached
+        weight: centroids or assignments; the index forms: assignments only)."""
+        sources = (self.centroids, self.assignments) if key == "weight" else (self.assignments,)
+        now = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in sources)
+        stamp, value = self._derived_state.get(key, (None, None))
+        if stamp != now:
             build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign}[key]
-            self._derived_state[key] = build(self.codebook)
-        return self._derived_state[key]
+            value = build(self.codebook)
+            self._derived_state[key] = (now, value)
+        return value
 
     def form_for(self, rows: int) -> str:
         grad = self.centroids.requires_grad and torch.is_grad_enabled()
@@ -114,3 +130,47 @@ class PQLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"k={self.centroids.shape[0]}, block_size={self.block_size}, cache={self.cache}")
+
+
+class PQConv2d(PQModule):
+    """Conv2d with a codebook weight over blocks of in_channels*kh*kw (the paper's convention);
+    the weight is gathered from the centroids on every call (differentiable in them)."""
+
+    def __init__(self, cw: CodebookWeight, conv: torch.nn.Conv2d, name: str = "weight") -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: PQConv2d supports padding_mode='zeros' only, found "
+                             f"{conv.padding_mode!r}")
+        if tuple(cw.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"{name}: codebook shape {cw.shape} does not match the Conv2d's "
+                             f"{tuple(conv.weight.shape)}")
+        self._set_codebook(cw, name)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
+        self.bias = None if conv.bias is None else torch.nn.Parameter(
+            conv.bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.embedding(self._index(), self.centroids.float()).reshape(self.weight_shape)
+        b = None if self.bias is None else self.bias.float()
+        y = F.conv2d(x.float(), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return y.to(x.dtype)
+
+
+class PQEmbedding(PQModule):
+    """Embedding table with a codebook weight over blocks of ``block_size`` dimensions; a lookup
+    gathers the looked-up rows' assignments, then their centroids."""
+
+    def __init__(self, cw: CodebookWeight, padding_idx: int | None = None, name: str = "weight") -> None:
+        super().__init__()
+        if len(cw.shape) != 2:
+            raise ValueError(f"{name}: PQEmbedding needs a 2-D (num, dim) weight, found {cw.shape}")
+        self._set_codebook(cw, name)
+        self.num_embeddings, self.embedding_dim = cw.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = unpack_assignments(self.assignments[flat], self.centroids.shape[0])  # (n, n_blocks)
+        out = F.embedding(rows, self.centroids.float())  # (n, n_blocks, block_size)
+        return out.reshape(*ids.shape, self.embedding_dim)
