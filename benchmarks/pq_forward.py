@@ -15,6 +15,7 @@ import torch
 
 from lowbit.eval.timing import interleaved
 from lowbit.kernels import pq
+from lowbit.nn.pq import PQLinear
 from lowbit.primitives.codebook import CodebookWeight, pack_assignments
 
 SHAPES = ((384, 384), (1536, 384), (4096, 4096))  # (out, in)
@@ -45,19 +46,22 @@ def bench(out: int, inp: int, rounds: int) -> None:
     bias = lin.bias.detach()
     cent = cw.centroids.float()
     w, gidx, lidx, fa = pq.reconstruct(cw), pq.gather_index(cw), pq.lut_index(cw), pq.flat_assign(cw)
+    layer = PQLinear(cw, bias)  # no cache: kernels.pq.choose_form picks per call
     for m in ROWS:
         x = torch.randn(m, inp, generator=gen)
         fns = {"fp32": lambda: lin(x),
                "cached": lambda: pq.cached_linear(x, w, bias),
                "gather": lambda: pq.gather_linear(x, cent, gidx, bias),
                "tiled": lambda: pq.tiled_linear(x, cent, fa, out, bias),
-               "lut": lambda: pq.lut_linear(x, cent, lidx, bias)}
+               "lut": lambda: pq.lut_linear(x, cent, lidx, bias),
+               "PQLinear": lambda: layer(x)}
         t = interleaved(fns, rounds=rounds, warmup=2, budget_s=6.0)
         base = t["fp32"].median_ms
         cells = "".join(f"{t[n].median_ms / base:>9.2f}{t[n].min_ms / t['fp32'].min_ms:>7.2f}"
                         for n in fns if n != "fp32")
-        best = min(fns, key=lambda n: t[n].median_ms)
-        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best}")
+        best = min(fns, key=lambda n: t[n].median_ms if n != "PQLinear" else float("inf"))
+        auto = layer.form_for(m)
+        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best:<8}{auto}")
 
 
 def main() -> None:
@@ -69,7 +73,7 @@ def main() -> None:
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"k={K}, block {BLOCK}; ratios to fp32 nn.Linear (median ratio, min ratio)")
     print(f"  {'out x in':<11}{'M':>4}{'fp32 med':>9}{'min ms':>8}" +
-          "".join(f"{n:>16}" for n in ("cached", "gather", "tiled", "lut")) + "   fastest")
+          "".join(f"{n:>16}" for n in ("cached", "gather", "tiled", "lut", "PQLinear")) + "   fastest auto")
     for out, inp in SHAPES:
         bench(out, inp, args.rounds)
 

@@ -92,12 +92,15 @@ class PQLinear(PQModule):
 
     def _derived(self, key: str) -> torch.Tensor:
         """A form's derived tensor, rebuilt whenever a tensor it derives from changed (the cached
-        weight: centroids or assignments; the index forms: assignments only)."""
-        sources = (self.centroids, self.assignments) if key == "weight" else (self.assignments,)
+        weight: centroids and assignments; float32 centroids: centroids; index forms:
+        assignments)."""
+        sources = {"weight": (self.centroids, self.assignments), "cent32": (self.centroids,)}.get(
+            key, (self.assignments,))
         now = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in sources)
         stamp, value = self._derived_state.get(key, (None, None))
         if stamp != now:
-            build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign}[key]
+            build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign,
+                     "cent32": lambda cw: cw.centroids.float()}[key]
             value = build(self.codebook)
             self._derived_state[key] = (now, value)
         return value
@@ -112,8 +115,9 @@ class PQLinear(PQModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # (M, in)
         form = self.form_for(x2d.shape[0])
-        bias = None if self.bias is None else self.bias.float()
-        cent = self.centroids.float()
+        bias = None if self.bias is None else self.bias.float()  # no copy when float32
+        training = self.centroids.requires_grad and torch.is_grad_enabled()
+        cent = self.centroids.float() if training else self._derived("cent32")
         if form == "cached":
             y = pq.cached_linear(x2d, self._derived("weight"), bias)
         elif form == "gather":
