@@ -104,10 +104,13 @@ def ref_linear(x2d: torch.Tensor, cw: CodebookWeight, bias: torch.Tensor | None)
     return F.linear(x2d.float(), cw.dequantize(torch.float32).reshape(cw.rows, cw.cols), bias)
 
 
-# Form choice without a cached weight, from benchmarks/pq_forward.py (1 thread, AMD EPYC, loaded
-# machine): lut wins at M = 1 (0.8-1.8x of fp32 on 4096x4096, 1.1-1.5x on 384-wide weights; every
-# rebuilding form is 2.6-15x there); above, tiled wins on large weights (1.0-1.4x at M = 64) and
-# gather on small ones (about 1.0x at M = 64, 1.3-1.9x at M = 8).
+# Form choice without a cached weight, from benchmarks/pq_forward.py (1 thread, AMD EPYC, two runs
+# on a machine loaded by other jobs, load average ~6 on 2 cores; median time / fp32 nn.Linear's):
+#   M = 1:  lut 0.75-0.92 on 4096x4096, 0.40-1.12 on 1536x384, 1.63-1.67 on 384x384; gather/tiled
+#           rebuild the weight and lose (1.0-3.3 on small weights, 1.5-10.7 on 4096x4096)
+#   M = 8:  tiled 1.11-1.39 on 4096x4096; gather 1.05-1.89 on the 384-wide weights
+#   M = 64: tiled 1.05-1.13 on 4096x4096; gather 0.98-1.06 on the 384-wide weights
+# Only ``cached`` (0.8-1.0) is never slower than fp32, at the cost of fp32's memory.
 TILED_MIN_NUMEL = 1 << 22
 
 

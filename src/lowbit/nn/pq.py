@@ -93,16 +93,23 @@ class PQLinear(PQModule):
     def _derived(self, key: str) -> torch.Tensor:
         """A form's derived tensor, rebuilt whenever a tensor it derives from changed (the cached
         weight: centroids and assignments; float32 centroids: centroids; index forms:
-        assignments)."""
-        sources = {"weight": (self.centroids, self.assignments), "cent32": (self.centroids,)}.get(
-            key, (self.assignments,))
-        now = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in sources)
-        stamp, value = self._derived_state.get(key, (None, None))
-        if stamp != now:
-            build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign,
-                     "cent32": lambda cw: cw.centroids.float()}[key]
-            value = build(self.codebook)
-            self._derived_state[key] = (now, value)
+        assignments). A tensor's stamp is its storage address and version counter: ``.to()`` and
+        loads replace or write the storage, optimizer steps bump the version."""
+        params, buffers = self._parameters, self._buffers
+        c, a = params["centroids"], buffers["assignments"]
+        if key == "weight":
+            now = (c.data_ptr(), c._version, a.data_ptr(), a._version)
+        elif key == "cent32":
+            now = (c.data_ptr(), c._version)
+        else:
+            now = (a.data_ptr(), a._version)
+        entry = self._derived_state.get(key)
+        if entry is not None and entry[0] == now:
+            return entry[1]
+        build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign,
+                 "cent32": lambda cw: cw.centroids.float()}[key]
+        value = build(self.codebook)
+        self._derived_state[key] = (now, value)
         return value
 
     def form_for(self, rows: int) -> str:
