@@ -102,9 +102,13 @@ def _init_centroids(points: torch.Tensor, k: int, init: str, gen: torch.Generato
     chosen = [int(torch.randint(n, (1,), generator=gen))]
     d2 = (points - points[chosen[0]]).square().sum(dim=1)
     for _ in range(1, k):
-        total = float(d2.sum())
-        i = int(torch.multinomial(d2 / total, 1, generator=gen)) if total > 0 else \
-            int(torch.randint(n, (1,), generator=gen))  # all points covered: any point
+        cum = d2.double().cumsum(0)  # inverse-CDF draw: no category limit, unlike multinomial
+        total = float(cum[-1])
+        if total > 0:
+            u = torch.rand(1, generator=gen, dtype=torch.float64) * total
+            i = min(int(torch.searchsorted(cum, u, right=True)), n - 1)
+        else:  # every point already a centre: any point
+            i = int(torch.randint(n, (1,), generator=gen))
         chosen.append(i)
         d2 = torch.minimum(d2, (points - points[i]).square().sum(dim=1))
     return points[chosen].clone()
