@@ -1,0 +1,82 @@
+"""Forward of a product-quantized Linear: the `kernels.pq` forms side by side with fp32
+`nn.Linear`, per shape and number of rows M, interleaved round by round (median and min).
+
+    python benchmarks/pq_forward.py --threads 1
+
+Weights are random (k-means is not run: the forms' speed depends only on shapes, k and block size).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+
+import torch
+
+from lowbit.eval.timing import interleaved
+from lowbit.kernels import pq
+from lowbit.nn.pq import PQLinear
+from lowbit.primitives.codebook import CodebookWeight, pack_assignments
+
+SHAPES = ((384, 384), (1536, 384), (4096, 4096))  # (out, in)
+ROWS = (1, 8, 64)
+K, BLOCK = 256, 8
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def random_codebook(out: int, inp: int, gen: torch.Generator) -> CodebookWeight:
+    cent = (torch.randn(K, BLOCK, generator=gen) * 0.02).half()
+    a = torch.randint(K, (out, inp // BLOCK), generator=gen)  # (out, n_blocks)
+    return CodebookWeight(cent, pack_assignments(a, K), (out, inp), BLOCK)
+
+
+def bench(out: int, inp: int, rounds: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    cw = random_codebook(out, inp, gen)
+    lin = torch.nn.Linear(inp, out)
+    with torch.no_grad():
+        lin.weight.copy_(pq.reconstruct(cw))
+    bias = lin.bias.detach()
+    cent = cw.centroids.float()
+    w, gidx, lidx, fa = pq.reconstruct(cw), pq.gather_index(cw), pq.lut_index(cw), pq.flat_assign(cw)
+    layer = PQLinear(cw, bias)  # no cache: kernels.pq.choose_form picks per call
+    for m in ROWS:
+        x = torch.randn(m, inp, generator=gen)
+        fns = {"fp32": lambda: lin(x),
+               "cached": lambda: pq.cached_linear(x, w, bias),
+               "gather": lambda: pq.gather_linear(x, cent, gidx, bias),
+               "tiled": lambda: pq.tiled_linear(x, cent, fa, out, bias),
+               "lut": lambda: pq.lut_linear(x, cent, lidx, bias),
+               "PQLinear": lambda: layer(x)}
+        t = interleaved(fns, rounds=rounds, warmup=2, budget_s=6.0)
+        base = t["fp32"].median_ms
+        cells = "".join(f"{t[n].median_ms / base:>9.2f}{t[n].min_ms / t['fp32'].min_ms:>7.2f}"
+                        for n in fns if n != "fp32")
+        best = min(fns, key=lambda n: t[n].median_ms if n != "PQLinear" else float("inf"))
+        auto = layer.form_for(m)
+        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best:<8}{auto}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=21)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"k={K}, block {BLOCK}; ratios to fp32 nn.Linear (median ratio, min ratio)")
+    print(f"  {'out x in':<11}{'M':>4}{'fp32 med':>9}{'min ms':>8}" +
+          "".join(f"{n:>16}" for n in ("cached", "gather", "tiled", "lut", "PQLinear")) + "   fastest auto")
+    for out, inp in SHAPES:
+        bench(out, inp, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""`PQLinear`, `PQConv2d`, `PQEmbedding`: layers whose weight is a product-quantized
+`CodebookWeight` (iPQ, Stock et al., arXiv 1907.05686). PQLinear runs the forms of
+`lowbit.kernels.pq`; PQConv2d gathers its weight from the centroids on each call (no faster form built yet);
+PQEmbedding gathers only the looked-up rows' centroids.
+
+State dict (the file's tensors, names from `CodebookWeight.tensors`): ``centroids`` (a Parameter,
+frozen unless `train_centroids(True)`), ``assignments`` (uint8 buffer), ``bias``. The forms'
+derived index tensors and the optional cached float weight are rebuilt in one place
+(`_derived`), keyed on the identity and version counter of ``centroids`` and ``assignments``, so
+``load_state_dict``, ``.to()`` and optimizer steps on the centroids can never leave them stale.
+
+Runtime memory beyond the file's bytes: an int32 index per block for each of the ``lut`` and
+``tiled`` forms used (built on first use), plus out*in*4 bytes with ``cache=True``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import pq
+from ..primitives.codebook import CodebookWeight, unpack_assignments
+
+
+class PQModule(torch.nn.Module):
+    """Shared state of the PQ layers: ``centroids`` (a Parameter, frozen unless
+    `train_centroids(True)`) and ``assignments`` (a uint8 buffer), the codebook's own names."""
+
+    def _set_codebook(self, cw: CodebookWeight, name: str) -> None:
+        cw.check(name)
+        self.weight_shape, self.block_size = tuple(cw.shape), cw.block_size
+        self.centroids = torch.nn.Parameter(cw.centroids.clone(), requires_grad=False)
+        self.register_buffer("assignments", cw.assignments.clone())
+
+    @property
+    def codebook(self) -> CodebookWeight:
+        return CodebookWeight(self.centroids.detach(), self.assignments, self.weight_shape,
+                              self.block_size)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.codebook.nbytes
+
+    def train_centroids(self, on: bool = True) -> None:
+        """Let an optimizer update the centroids (iPQ's finetuning between stages)."""
+        self.centroids.requires_grad_(on)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's stored tensors by name (the weight's own names, plus ``bias``)."""
+        out = dict(self.codebook.tensors())
+        if getattr(self, "bias", None) is not None:
+            out["bias"] = self.bias.detach()
+        return out
+
+    def _index(self) -> torch.Tensor:
+        """int64 (rows, n_blocks) centroid indices (unpacked per call: cheap next to the gather)."""
+        return self.codebook.indices()
+
+
+class PQLinear(PQModule):
+    """y = x @ W^T + b with W = centroids[assignments] (blocks of ``block_size`` inputs).
+
+    ``cache=True`` keeps the reconstructed fp32 weight (fp32's speed, fp32's memory); otherwise
+    `kernels.pq.choose_form` picks per call. ``force_form`` pins one of `kernels.pq.FORMS`.
+    While the centroids require grad and grad is enabled, the differentiable gather form runs.
+    """
+
+    def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None, cache: bool = False,
+                 name: str = "weight") -> None:
+        super().__init__()
+        if len(cw.shape) != 2:
+            raise ValueError(f"{name}: PQLinear needs a 2-D (out, in) codebook weight, found {cw.shape}")
+        self._set_codebook(cw, name)
+        self.out_features, self.in_features = cw.shape
+        self.cache = cache
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(),
+                                                                 requires_grad=False)
+        self.force_form: str | None = None
+        self._derived_state: dict[str, tuple[tuple, torch.Tensor]] = {}  # key -> (stamp, tensor)
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Linear, cw: CodebookWeight, cache: bool = False,
+                   name: str = "weight") -> "PQLinear":
+        if tuple(cw.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"{name}: codebook shape {cw.shape} does not match the Linear's "
+                             f"{tuple(linear.weight.shape)}")
+        return cls(cw, linear.bias, cache, name)
+
+    def set_form(self, form: str | None) -> None:
+        if form is not None and form not in pq.FORMS:
+            raise ValueError(f"unknown PQ form {form!r}; forms: {pq.FORMS}")
+        self.force_form = form
+
+    def _derived(self, key: str) -> torch.Tensor:
+        """A form's derived tensor, rebuilt whenever a tensor it derives from changed (the cached
+        weight: centroids and assignments; float32 centroids: centroids; index forms:
+        assignments). A tensor's stamp is its storage address and version counter: ``.to()`` and
+        loads replace or write the storage, optimizer steps bump the version."""
+        params, buffers = self._parameters, self._buffers
+        c, a = params["centroids"], buffers["assignments"]
+        if key == "weight":
+            now = (c.data_ptr(), c._version, a.data_ptr(), a._version)
+        elif key == "cent32":
+            now = (c.data_ptr(), c._version)
+        else:
+            now = (a.data_ptr(), a._version)
+        entry = self._derived_state.get(key)
+        if entry is not None and entry[0] == now:
+            return entry[1]
+        build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign,
+                 "cent32": lambda cw: cw.centroids.float()}[key]
+        value = build(self.codebook)
+        self._derived_state[key] = (now, value)
+        return value
+
+    def form_for(self, rows: int) -> str:
+        grad = self.centroids.requires_grad and torch.is_grad_enabled()
+        if grad:
+            return "gather"
+        return self.force_form or pq.choose_form(rows, self.out_features * self.in_features,
+                                                 self.cache)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)  # (M, in)
+        form = self.form_for(x2d.shape[0])
+        bias = None if self.bias is None else self.bias.float()  # no copy when float32
+        training = self.centroids.requires_grad and torch.is_grad_enabled()
+        cent = self.centroids.float() if training else self._derived("cent32")
+        if form == "cached":
+            y = pq.cached_linear(x2d, self._derived("weight"), bias)
+        elif form == "gather":
+            index = self._derived("flat").view(self.out_features, -1)  # (out, n_blocks) int32
+            y = pq.gather_linear(x2d, cent, index, bias)
+        elif form == "tiled":
+            y = pq.tiled_linear(x2d, cent, self._derived("flat"), self.out_features, bias)
+        elif form == "lut":
+            y = pq.lut_linear(x2d, cent, self._derived("lut"), bias)
+        else:
+            y = pq.ref_linear(x2d, self.codebook, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"k={self.centroids.shape[0]}, block_size={self.block_size}, cache={self.cache}")
+
+
+class PQConv2d(PQModule):
+    """Conv2d with a codebook weight over blocks of in_channels*kh*kw (the paper's convention);
+    the weight is gathered from the centroids on every call (differentiable in them)."""
+
+    def __init__(self, cw: CodebookWeight, conv: torch.nn.Conv2d, name: str = "weight") -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: PQConv2d supports padding_mode='zeros' only, found "
+                             f"{conv.padding_mode!r}")
+        if tuple(cw.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"{name}: codebook shape {cw.shape} does not match the Conv2d's "
+                             f"{tuple(conv.weight.shape)}")
+        self._set_codebook(cw, name)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
+        self.bias = None if conv.bias is None else torch.nn.Parameter(
+            conv.bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.embedding(self._index(), self.centroids.float()).reshape(self.weight_shape)
+        b = None if self.bias is None else self.bias.float()
+        y = F.conv2d(x.float(), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return y.to(x.dtype)
+
+
+class PQEmbedding(PQModule):
+    """Embedding table with a codebook weight over blocks of ``block_size`` dimensions; a lookup
+    gathers the looked-up rows' assignments, then their centroids."""
+
+    def __init__(self, cw: CodebookWeight, padding_idx: int | None = None, name: str = "weight") -> None:
+        super().__init__()
+        if len(cw.shape) != 2:
+            raise ValueError(f"{name}: PQEmbedding needs a 2-D (num, dim) weight, found {cw.shape}")
+        self._set_codebook(cw, name)
+        self.num_embeddings, self.embedding_dim = cw.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = unpack_assignments(self.assignments[flat], self.centroids.shape[0])  # (n, n_blocks)
+        out = F.embedding(rows, self.centroids.float())  # (n, n_blocks, block_size)
+        return out.reshape(*ids.shape, self.embedding_dim)
