@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from .primitives.codebook import CENTROID_DTYPES, KMEANS_INITS, MAX_CENTROIDS
+from .errors import LowbitError
 
 IPQ_CONFIG_VERSION = 1
 
 
-class IPQConfigError(ValueError):
+class IPQConfigError(LowbitError):
     """An iPQ configuration lowbit cannot accept; the message names the field and valid forms."""
 
 

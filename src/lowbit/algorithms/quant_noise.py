@@ -16,9 +16,10 @@ import torch
 from ..primitives.affine import as_2d
 from ..spec import QuantSpec
 from .fake_quant import fake_quantize_ste
+from ..errors import LowbitError
 
 
-class QuantNoiseError(ValueError):
+class QuantNoiseError(LowbitError):
     """A noise setting that cannot apply to a weight; the message names the weight."""
 
 

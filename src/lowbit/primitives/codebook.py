@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .affine import as_2d
+from ..errors import LowbitError
 
 CODEBOOK_FORMAT = "codebook"
 CODEBOOK_VERSION = 1
@@ -39,7 +40,7 @@ KMEANS_INITS = ("kmeans++", "random")
 DIST_CHUNK = 1 << 15
 
 
-class CodebookError(ValueError):
+class CodebookError(LowbitError):
     """A codebook weight or k-means setting lowbit cannot accept; the message names the tensor."""
 
 
