@@ -2,7 +2,7 @@
 
 Grammar (case-insensitive)::
 
-    w<bits>[g<group>|c|r|t][-sym|-asym][-minmax|-mse|-greedy|-p<percentile>]
+    w<bits>[g<group>|c|r|t][-sym|-asym][-minmax|-mse|-greedy|-p<percentile>][-zint|-zfloat]
 
     w8        int8 weights, one scale per output channel (symmetric)
     w4g128    int4 weights, one scale and zero point per group of 128 inputs (asymmetric)
@@ -12,7 +12,8 @@ Grammar (case-insensitive)::
     w8a8, w8a8-static   reserved for activation quantization (not built yet)
 
 Aliases: ``int8`` -> ``w8a8``, ``int4`` -> ``w4g128``.
-Defaults: 8-bit is symmetric, 2..7-bit and per-row are asymmetric; ranges are min-max.
+Defaults: 8-bit is symmetric, 2..7-bit and per-row are asymmetric; ranges are min-max;
+asymmetric zero points are integer codes (``-zfloat`` selects lowbit's older float zero point).
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ from typing import Any
 GRANULARITIES = ("tensor", "channel", "group", "row")
 RANGE_METHODS = ("minmax", "percentile", "mse", "greedy")
 SCALE_DTYPES = ("float16", "float32")
+ZERO_POINT_FORMS = ("int", "float")
 DEFAULT_PERCENTILE = 99.9
 ALIASES = {"int8": "w8a8", "int4": "w4g128"}
 _GRAN_LETTER = {"c": "channel", "r": "row", "t": "tensor", "": "channel"}
 
 VALID_FORMS = (
     "w<bits> (per channel), w<bits>g<group> (per group), w<bits>r (per row), w<bits>t (per tensor); "
-    "bits 2..8; optional suffixes -sym/-asym and -minmax/-mse/-greedy/-p<percentile>; "
+    "bits 2..8; optional suffixes -sym/-asym, -minmax/-mse/-greedy/-p<percentile> and -zint/-zfloat "
+    "(asymmetric zero point: integer code, the default, or float); "
     "examples: w8, w4g128, w4g32, w3g128, w2g64, w8r, w4g128-sym, w8-mse; "
     "w8a8 and w8a8-static are reserved for activation quantization; aliases: int8 -> w8a8, int4 -> w4g128"
 )
@@ -47,9 +50,17 @@ class QuantSpec:
 
     Dequantization is ``x_hat = (q - zero_point) * scale`` with unsigned codes ``q`` in
     ``[0, 2**bits - 1]``. Symmetric specs use the implicit zero point ``2**(bits-1)`` and the
-    restricted codes ``[1, 2**bits - 1]`` (so +-amax are both exact); asymmetric specs store a
-    floating zero point, so the range's minimum maps exactly (the scale-and-bias form of row-wise
-    embedding tables: ``bias = -zero_point * scale``).
+    restricted codes ``[1, 2**bits - 1]`` (so +-amax are both exact). Asymmetric specs store a zero
+    point per group in one of two forms (``zero_point_form``):
+
+    - ``"int"`` (default): an integer code in ``[0, qmax]`` stored as uint8, with the range widened
+      to include 0 so that 0.0 is exactly on the grid (the common asymmetric convention).
+    - ``"float"``: lowbit's first form, an unrounded zero point in the scale dtype, so the range's
+      minimum maps exactly but 0.0 generally does not (the scale-and-bias form of row-wise
+      embedding tables: ``bias = -zero_point * scale``). Spec dicts written before this field
+      existed mean this form: `from_dict` reads a missing key as ``"float"`` for asymmetric specs.
+
+    Symmetric specs have the implicit integer zero point ``2**(bits-1)``: their form is ``"int"``.
     """
 
     bits: int
@@ -61,6 +72,7 @@ class QuantSpec:
     percentile: float = 99.9  # DEFAULT_PERCENTILE
     act_bits: int | None = None
     act_static: bool = False
+    zero_point_form: str = "int"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -83,6 +95,12 @@ class QuantSpec:
         if self.range_method != "percentile" and float(self.percentile) != DEFAULT_PERCENTILE:
             raise SchemeError(f"percentile={self.percentile!r} is set but range_method is "
                               f"{self.range_method!r}, not 'percentile'")
+        if self.zero_point_form not in ZERO_POINT_FORMS:
+            raise SchemeError(f"zero_point_form must be one of {ZERO_POINT_FORMS}, "
+                              f"found {self.zero_point_form!r}")
+        if self.symmetric and self.zero_point_form != "int":
+            raise SchemeError("a symmetric spec has the implicit integer zero point 2**(bits-1); "
+                              f"zero_point_form must be 'int', found {self.zero_point_form!r}")
         if self.act_bits not in (None, 8):
             raise SchemeError(f"act_bits must be None or 8, found {self.act_bits!r}")
         if self.act_static and not self.act_bits:
@@ -107,6 +125,8 @@ class QuantSpec:
             out += f"-{self.range_method}"
         if self.scale_dtype != "float16":
             out += f"-s{self.scale_dtype}"
+        if self.zero_point_form != "int":
+            out += f"-z{self.zero_point_form}"
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +138,9 @@ class QuantSpec:
         unknown = set(d) - names
         if unknown:
             raise SchemeError(f"unknown QuantSpec fields {sorted(unknown)}; known: {sorted(names)}")
+        if "zero_point_form" not in d and not d.get("symmetric", True):
+            # written before the field existed, when every asymmetric zero point was a float
+            d = {**d, "zero_point_form": "float"}
         return cls(**d)
 
     def to_json(self) -> str:
@@ -137,6 +160,7 @@ def _default_symmetric(bits: int, granularity: str) -> bool:
 
 _PATTERN = re.compile(r"^w(?P<bits>\d)(?:(?P<letter>[crt])|g(?P<group>\d+))?(?:a(?P<abits>\d))?$")
 _SCALE_SUFFIX = {f"s{d}": d for d in SCALE_DTYPES}
+_ZP_SUFFIX = {f"z{f}": f for f in ZERO_POINT_FORMS}
 
 
 def parse_scheme(scheme: "str | QuantSpec") -> QuantSpec:
@@ -172,6 +196,10 @@ def _apply_suffix(fields: dict[str, Any], sfx: str, scheme: str) -> None:
         fields["range_method"] = sfx
     elif sfx == "static" and "act_bits" in fields:
         fields["act_static"] = True
+    elif sfx in _ZP_SUFFIX:
+        if fields.get("zero_point_form", _ZP_SUFFIX[sfx]) != _ZP_SUFFIX[sfx]:
+            raise SchemeError(f"scheme {scheme!r} names both -zint and -zfloat; valid forms: {VALID_FORMS}")
+        fields["zero_point_form"] = _ZP_SUFFIX[sfx]
     elif sfx in _SCALE_SUFFIX:
         fields["scale_dtype"] = _SCALE_SUFFIX[sfx]
     elif re.fullmatch(r"p\d+(\.\d+)?", sfx):

@@ -7,7 +7,7 @@ import torch
 
 from ..spec import QuantSpec
 from .affine import (QuantizationError, as_2d, as_groups, dequantize_codes, params_from_range,
-                     quantize_codes, scale_dtype)
+                     quantize_codes, scale_dtype, zero_point_dtype)
 from .packing import pack, packed_cols, unpack
 from .ranges import choose_range
 
@@ -18,7 +18,8 @@ class QuantizedWeight:
 
     qdata:      uint8 (rows, packed_cols), codes packed per row (see `primitives.packing`)
     scale:      (rows, n_groups) in the spec's scale dtype; (1, 1) per tensor
-    zero_point: like scale, or None for symmetric specs
+    zero_point: (rows, n_groups) like scale, or None for symmetric specs; uint8 codes for the
+                spec's "int" zero point form, the scale dtype for the "float" form
     shape:      the float tensor's shape; rows = shape[0], cols = prod(shape[1:])
     """
 
@@ -64,7 +65,7 @@ class QuantizedWeight:
         want = {"qdata": ((rows, packed_cols(cols, self.spec.bits)), torch.uint8),
                 "scale": (want_scale, scale_dtype(self.spec))}
         if not self.spec.symmetric:
-            want["zero_point"] = (want_scale, scale_dtype(self.spec))
+            want["zero_point"] = (want_scale, zero_point_dtype(self.spec))
         for key, (shape, dtype) in want.items():
             t = getattr(self, key)
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
