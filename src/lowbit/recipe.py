@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .algorithms import ALGORITHMS
 from .errors import RecipeError, SchemeError
 from .nn import float_classes, quantized_class
 from .primitives.affine import as_2d, group_mismatch
 from .spec import ActSpec, QuantSpec, Scheme, parse
 
-METHODS = ("rtn",)
 
 
 
@@ -52,8 +52,8 @@ class Rule:
                     re.compile(t[3:])
                 except re.error as exc:
                     raise RecipeError(f"bad regex in target {t!r}: {exc}") from None
-        if self.method not in METHODS:
-            raise RecipeError(f"unknown method {self.method!r}; available: {METHODS}")
+        if self.method not in ALGORITHMS:
+            raise RecipeError(f"unknown method {self.method!r}; available: {tuple(ALGORITHMS)}")
 
     @property
     def scheme(self) -> Scheme:

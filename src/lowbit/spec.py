@@ -3,7 +3,7 @@
 A scheme names how a layer's weights are quantized (`QuantSpec`) and, optionally, its inputs
 (activations, `ActSpec`); `Scheme` holds the pair. Grammar (case-insensitive)::
 
-    w<bits>[g<group>|c|r|t][a8[-static]][-sym|-asym][-minmax|-mse|-greedy|-p<percentile>][-s<dtype>]
+    w<bits>[g<group>|c|r|t][a8[-static]][-sym|-asym][-minmax|-mse|-greedy|-p<percentile>][-s<dtype>][-zint|-zfloat]
 
     w8        int8 weights, one scale per output channel (symmetric)
     w4g128    int4 weights, one scale and zero point per group of 128 inputs (asymmetric)
@@ -14,8 +14,9 @@ A scheme names how a layer's weights are quantized (`QuantSpec`) and, optionally
     w8a8-static   int8 inputs with a per-tensor range fixed by calibration
 
 Aliases: ``int8`` -> ``w8a8``, ``int4`` -> ``w4g128``.
-Defaults: 8-bit is symmetric, 2..7-bit and per-row are asymmetric; ranges are min-max. Each suffix
-category (symmetry, range, scale dtype, static) may appear once: ``w4-sym-asym`` is an error.
+Defaults: 8-bit is symmetric, 2..7-bit and per-row are asymmetric; ranges are min-max; asymmetric
+zero points are integer codes (``-zfloat`` selects lowbit's older float zero point). Each suffix
+kind (symmetry, range, scale dtype, zero point, static) may appear once: ``w4-sym-asym`` is an error.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .errors import SchemeError
 GRANULARITIES = ("tensor", "channel", "group", "row")
 RANGE_METHODS = ("minmax", "percentile", "mse", "greedy")
 SCALE_DTYPES = ("float16", "float32")
+ZERO_POINT_FORMS = ("int", "float")
 DEFAULT_PERCENTILE = 99.9
 ALIASES = {"int8": "w8a8", "int4": "w4g128"}
 _GRAN_LETTER = {"c": "channel", "r": "row", "t": "tensor", "": "channel"}
@@ -38,7 +40,8 @@ VALID_FORMS = (
     "w<bits> (per channel), w<bits>g<group> (per group), w<bits>r (per row), w<bits>t (per tensor); "
     "bits 2..8; a8 after the weight part quantizes inputs too (w8a8: dynamic, per token; w8a8-static: "
     "calibrated per tensor); optional suffixes, each kind at most once: -sym/-asym, "
-    "-minmax/-mse/-greedy/-p<percentile>, -sfloat16/-sfloat32; "
+    "-minmax/-mse/-greedy/-p<percentile>, -sfloat16/-sfloat32, -zint/-zfloat (asymmetric zero point: "
+    "integer code, the default, or float); "
     "examples: w8, w4g128, w4g32, w3g128, w2g64, w8r, w4g128-sym, w8-mse, w8a8; "
     "aliases: int8 -> w8a8, int4 -> w4g128"
 )
@@ -50,9 +53,17 @@ class QuantSpec:
 
     Dequantization is ``x_hat = (q - zero_point) * scale`` with unsigned codes ``q`` in
     ``[0, 2**bits - 1]``. Symmetric specs use the implicit zero point ``2**(bits-1)`` and the
-    restricted codes ``[1, 2**bits - 1]`` (so +-amax are both exact); asymmetric specs store a
-    floating zero point, so the range's minimum maps exactly (the scale-and-bias form of row-wise
-    embedding tables: ``bias = -zero_point * scale``).
+    restricted codes ``[1, 2**bits - 1]`` (so +-amax are both exact). Asymmetric specs store a zero
+    point per group in one of two forms (``zero_point_form``):
+
+    - ``"int"`` (default): an integer code in ``[0, qmax]`` stored as uint8, with the range widened
+      to include 0 so that 0.0 is exactly on the grid (the common asymmetric convention).
+    - ``"float"``: lowbit's first form, an unrounded zero point in the scale dtype, so the range's
+      minimum maps exactly but 0.0 generally does not (the scale-and-bias form of row-wise
+      embedding tables: ``bias = -zero_point * scale``). Spec dicts written before this field
+      existed mean this form: `from_dict` reads a missing key as ``"float"`` for asymmetric specs.
+
+    Symmetric specs have the implicit integer zero point ``2**(bits-1)``: their form is ``"int"``.
     """
 
     bits: int
@@ -62,6 +73,7 @@ class QuantSpec:
     scale_dtype: str = "float16"
     range_method: str = "minmax"
     percentile: float = 99.9  # DEFAULT_PERCENTILE
+    zero_point_form: str = "int"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -84,6 +96,12 @@ class QuantSpec:
         if self.range_method != "percentile" and float(self.percentile) != DEFAULT_PERCENTILE:
             raise SchemeError(f"percentile={self.percentile!r} is set but range_method is "
                               f"{self.range_method!r}, not 'percentile'")
+        if self.zero_point_form not in ZERO_POINT_FORMS:
+            raise SchemeError(f"zero_point_form must be one of {ZERO_POINT_FORMS}, "
+                              f"found {self.zero_point_form!r}")
+        if self.symmetric and self.zero_point_form != "int":
+            raise SchemeError("a symmetric spec has the implicit integer zero point 2**(bits-1); "
+                              f"zero_point_form must be 'int', found {self.zero_point_form!r}")
 
     @property
     def qmax(self) -> int:
@@ -102,6 +120,8 @@ class QuantSpec:
             out += f"-{self.range_method}"
         if self.scale_dtype != "float16":
             out += f"-s{self.scale_dtype}"
+        if self.zero_point_form != "int":
+            out += f"-z{self.zero_point_form}"
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +129,14 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        if isinstance(d, dict) and "zero_point_form" not in d and not d.get("symmetric", True):
+            # written before the field existed, when every asymmetric zero point was a float
+            d = {**d, "zero_point_form": "float"}
+        if isinstance(d, dict) and ("act_bits" in d or "act_static" in d):
+            # format 1 kept input settings here; unset they mean nothing, set they belong in ActSpec
+            if d.get("act_bits") or d.get("act_static"):
+                raise SchemeError(f"act_bits/act_static belong in ActSpec (Scheme.input), found {d!r:.200}")
+            d = {k: v for k, v in d.items() if k not in ("act_bits", "act_static")}
         return _from_dict(cls, d)
 
     def to_json(self) -> str:
@@ -224,6 +252,7 @@ def _default_symmetric(bits: int, granularity: str) -> bool:
 
 _PATTERN = re.compile(r"^w(?P<bits>\d)(?:(?P<letter>[crt])|g(?P<group>\d+))?(?:a(?P<abits>\d))?$")
 _SCALE_SUFFIX = {f"s{d}": d for d in SCALE_DTYPES}
+_ZP_SUFFIX = {f"z{f}": f for f in ZERO_POINT_FORMS}
 
 
 def parse(scheme: "str | QuantSpec | Scheme") -> Scheme:
@@ -282,6 +311,8 @@ def _apply_suffix(fields: dict[str, Any], act: dict[str, Any] | None, sfx: str, 
         act["static"] = True
     elif category == "scale":
         fields["scale_dtype"] = _SCALE_SUFFIX[sfx]
+    elif category == "zero point":
+        fields["zero_point_form"] = _ZP_SUFFIX[sfx]
     elif sfx.startswith("p") and sfx not in RANGE_METHODS:
         fields["range_method"], fields["percentile"] = "percentile", float(sfx[1:])
     else:
@@ -295,6 +326,8 @@ def _suffix_category(sfx: str, act: dict[str, Any] | None, scheme: str) -> str:
         return "range"
     if sfx in _SCALE_SUFFIX:
         return "scale"
+    if sfx in _ZP_SUFFIX:
+        return "zero point"
     if sfx == "static" and act is not None:
         return "static"
     raise SchemeError(f"unknown suffix -{sfx} in scheme {scheme!r}; valid forms: {VALID_FORMS}")

@@ -1,8 +1,11 @@
 """Golden bytes of a saved file: one Linear(32, 16) with exactly representable weights, quantized
-with w4g32 and with w8. Every expected value below was worked out by hand from the documented
-formulas (spec.py, primitives/affine.py, primitives/packing.py, io/format.py), not by running lowbit:
+with w4g32 (integer zero point), w4g32-zfloat (float zero point) and w8. Every expected value below
+was worked out by hand from the documented formulas (spec.py, primitives/affine.py,
+primitives/packing.py, io/format.py), not by running lowbit:
 
-    asymmetric: scale = (hi - lo) / qmax, zero_point = -lo / scale, stored float16
+    asymmetric, int (default): lo, hi = min(lo, 0), max(hi, 0); scale = (hi - lo) / qmax,
+                zero_point = clamp(round(-lo / scale), 0, qmax), stored uint8
+    asymmetric, float (-zfloat): scale = (hi - lo) / qmax, zero_point = -lo / scale, stored float16
     symmetric:  scale = amax / (2**(bits-1) - 1), implicit zero point 2**(bits-1), codes [1, qmax]
     codes:      q = clamp(round(w / scale + zero_point), qmin, qmax), round half to even (torch.round)
     4-bit:      byte j of a row = c[2j] | c[2j+1] << 4;   8-bit: byte j = c[j]
@@ -43,7 +46,7 @@ def r_i() -> tuple[torch.Tensor, torch.Tensor]:
 BIAS = torch.arange(ROWS, dtype=torch.float32) * 0.5 - 4.0
 
 
-def w4_weight() -> torch.Tensor:
+def w4_weight(zero_points: list[float] | None = None) -> torch.Tensor:
     """Row r: w = s_r * (t - z_r), s_r = (r + 1) / 16, z_r = (r + 1) / 2, t = (i + r) mod 16,
     except column 31, moved half a step (t = c + 0.5, or c - 0.5 where c = 15) to a rounding tie.
 
@@ -56,7 +59,14 @@ def w4_weight() -> torch.Tensor:
     t = (i + r) % 16
     c31 = t[:, 31]
     t[:, 31] = torch.where(c31 < 15, c31 + 0.5, c31 - 0.5)
-    return (r + 1) / 16 * (t - (r + 1) / 2)
+    z = torch.tensor(zero_points or W4_ZERO_POINT)[:, None]
+    return (r + 1) / 16 * (t - z)
+
+
+def w4_int_weight() -> torch.Tensor:
+    """As `w4_weight` with integer zero points z_r = r: lo = -s_r r <= 0 <= hi = s_r (15 - r), so the
+    range already holds 0, scale = s_r and zero_point = r exactly; the codes are the same."""
+    return w4_weight(W4_INT_ZERO_POINT)
 
 
 def w8_weight() -> torch.Tensor:
@@ -92,6 +102,7 @@ W4_QDATA = [
 W4_SCALE = [0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5,
             0.5625, 0.625, 0.6875, 0.75, 0.8125, 0.875, 0.9375, 1.0]
 W4_ZERO_POINT = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0]
+W4_INT_ZERO_POINT = [float(r) for r in range(ROWS)]
 
 _W8_BY_R_MOD_4 = [
     "ff0c141c242c343c444c545c646c747c848c949ca4acb4bcc4ccd4dce4ecf4fc",
@@ -105,16 +116,21 @@ W8_SCALE = [(r + 1) / 64 for r in range(ROWS)]  # 0.015625 .. 0.25, all exact in
 SPEC = {
     "w4g32": {"bits": 4, "granularity": "group",
               "group_size": 32, "percentile": 99.9, "range_method": "minmax",
-              "scale_dtype": "float16", "symmetric": False},
+              "scale_dtype": "float16", "symmetric": False, "zero_point_form": "int"},
+    "w4g32-zfloat": {"bits": 4, "granularity": "group",
+                     "group_size": 32, "percentile": 99.9, "range_method": "minmax",
+                     "scale_dtype": "float16", "symmetric": False, "zero_point_form": "float"},
     "w8": {"bits": 8, "granularity": "channel",
            "group_size": None, "percentile": 99.9, "range_method": "minmax",
-           "scale_dtype": "float16", "symmetric": True},
+           "scale_dtype": "float16", "symmetric": True, "zero_point_form": "int"},
 }
 
 # key -> (safetensors dtype, shape)
 LAYOUT = {
     "w4g32": {"proj.qdata": ("U8", [16, 16]), "proj.scale": ("F16", [16, 1]),
-              "proj.zero_point": ("F16", [16, 1]), "proj.bias": ("F32", [16])},
+              "proj.zero_point": ("U8", [16, 1]), "proj.bias": ("F32", [16])},
+    "w4g32-zfloat": {"proj.qdata": ("U8", [16, 16]), "proj.scale": ("F16", [16, 1]),
+                     "proj.zero_point": ("F16", [16, 1]), "proj.bias": ("F32", [16])},
     "w8": {"proj.qdata": ("U8", [16, 32]), "proj.scale": ("F16", [16, 1]),
            "proj.bias": ("F32", [16])},
 }
@@ -130,14 +146,20 @@ def f32_bytes(values: list[float]) -> bytes:
 
 EXPECTED_BYTES = {
     "w4g32": {"proj.qdata": bytes.fromhex("".join(W4_QDATA)), "proj.scale": f16_bytes(W4_SCALE),
+              "proj.zero_point": bytes(range(ROWS)),
+              "proj.bias": f32_bytes([r * 0.5 - 4.0 for r in range(ROWS)])},
+    "w4g32-zfloat": {"proj.qdata": bytes.fromhex("".join(W4_QDATA)), "proj.scale": f16_bytes(W4_SCALE),
               "proj.zero_point": f16_bytes(W4_ZERO_POINT),
               "proj.bias": f32_bytes([r * 0.5 - 4.0 for r in range(ROWS)])},
     "w8": {"proj.qdata": bytes.fromhex("".join(W8_QDATA)), "proj.scale": f16_bytes(W8_SCALE),
            "proj.bias": f32_bytes([r * 0.5 - 4.0 for r in range(ROWS)])},
 }
 
-WEIGHT = {"w4g32": w4_weight, "w8": w8_weight}
-TENSORS = {"w4g32": ["qdata", "scale", "zero_point"], "w8": ["qdata", "scale"]}
+WEIGHT = {"w4g32": w4_int_weight, "w4g32-zfloat": w4_weight, "w8": w8_weight}
+ZERO_POINT = {"w4g32": W4_INT_ZERO_POINT, "w4g32-zfloat": W4_ZERO_POINT}
+SCHEMES = ["w4g32", "w4g32-zfloat", "w8"]
+TENSORS = {"w4g32": ["qdata", "scale", "zero_point"], "w4g32-zfloat": ["qdata", "scale", "zero_point"],
+           "w8": ["qdata", "scale"]}
 
 
 def saved_file(scheme: str, folder) -> tuple[dict, bytes, One]:
@@ -151,7 +173,7 @@ def saved_file(scheme: str, folder) -> tuple[dict, bytes, One]:
     return json.loads(raw[8:8 + n]), raw[8 + n:], model
 
 
-@pytest.mark.parametrize("scheme", ["w4g32", "w8"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_keys_dtypes_and_shapes(scheme, tmp_path):
     header, _, _ = saved_file(scheme, tmp_path)
     meta = header.pop("__metadata__")
@@ -160,7 +182,7 @@ def test_keys_dtypes_and_shapes(scheme, tmp_path):
         k: (dt, shape) for k, (dt, shape) in LAYOUT[scheme].items()}
 
 
-@pytest.mark.parametrize("scheme", ["w4g32", "w8"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_tensor_bytes(scheme, tmp_path):
     header, data, _ = saved_file(scheme, tmp_path)
     for key, want in EXPECTED_BYTES[scheme].items():
@@ -174,7 +196,7 @@ def test_tensor_bytes(scheme, tmp_path):
         assert got == want, key
 
 
-@pytest.mark.parametrize("scheme", ["w4g32", "w8"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_layer_entry(scheme, tmp_path):
     header, _, _ = saved_file(scheme, tmp_path)
     doc = json.loads(header["__metadata__"]["lowbit"])
@@ -189,17 +211,17 @@ def test_layer_entry(scheme, tmp_path):
     body = {k: v for k, v in doc.items() if k != "header_sha256"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     assert doc["header_sha256"] == hashlib.sha256(canonical).hexdigest()
-    # the only quantization error is the ties, each half a step: one per row (w4g32, column 31)
+    # the only quantization error is the ties, each half a step: one per row (w4g32*, column 31)
     # and eight per row (w8, columns 1, 5, ..., 29)
-    ties = {"w4g32": 1, "w8": 8}[scheme]
-    step = {"w4g32": W4_SCALE, "w8": W8_SCALE}[scheme]
+    ties = 8 if scheme == "w8" else 1
+    step = W8_SCALE if scheme == "w8" else W4_SCALE
     noise = sum(ties * (0.5 * s) ** 2 for s in step)
     signal = sum(float(x) ** 2 for x in WEIGHT[scheme]().double().flatten())
     assert entry["sqnr_db"] == pytest.approx(10 * math.log10(signal / noise), rel=1e-12)
     assert doc["provenance"]["scheme"] == scheme
 
 
-@pytest.mark.parametrize("scheme", ["w4g32", "w8"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_loaded_weight_is_the_expected_grid(scheme, tmp_path):
     """Dequantized: equal to the float weight except at the ties, which land on the even code."""
     saved_file(scheme, tmp_path)
@@ -207,13 +229,13 @@ def test_loaded_weight_is_the_expected_grid(scheme, tmp_path):
     w_hat = loaded.proj.dequantized_weight()
     w = WEIGHT[scheme]()
     r = torch.arange(ROWS)
-    if scheme == "w4g32":
+    if scheme.startswith("w4g32"):
         scale = torch.tensor(W4_SCALE)
         c31 = torch.where(r == 0, 15, r - 1)
         # (t - z) * s with t the code the tie rounds to
         q31 = torch.where(r == 0, 14, torch.where(r % 2 == 1, r - 1, r)).float()
         want = w.clone()
-        want[:, 31] = (q31 - torch.tensor(W4_ZERO_POINT)) * scale
+        want[:, 31] = (q31 - torch.tensor(ZERO_POINT[scheme])) * scale
         assert torch.equal(c31 != q31.long(), r % 2 == 0)   # even rows rounded up, r = 0 down
     else:
         scale = torch.tensor(W8_SCALE)[:, None]
@@ -225,7 +247,7 @@ def test_loaded_weight_is_the_expected_grid(scheme, tmp_path):
     assert torch.equal(loaded.proj.bias, BIAS)
 
 
-@pytest.mark.parametrize("scheme", ["w4g32", "w8"])
+@pytest.mark.parametrize("scheme", ["w4g32-zfloat", "w8"])
 def test_format_1_file_still_loads(scheme, tmp_path):
     """A file in format 1's exact header shape (no seal, no kind/tensors, spec dicts with the old
     act_bits/act_static fields) written by hand around the same tensors loads to the same model."""
@@ -234,7 +256,8 @@ def test_format_1_file_still_loads(scheme, tmp_path):
     v1 = {"format_version": 1, "packing_version": 1, "tied": {}, "nonpersistent": [],
           "tensors_sha256": v2["tensors_sha256"], "provenance": v2["provenance"],
           "layers": {"proj": {"class": "QLinear", "method": "rtn", "shape": [16, 32], "sqnr_db": 40.0,
-                              "spec": {**SPEC[scheme], "act_bits": None, "act_static": False}}}}
+                              "spec": {**{k: v for k, v in SPEC[scheme].items() if k != "zero_point_form"},
+                                       "act_bits": None, "act_static": False}}}}
     header["__metadata__"] = {"lowbit": json.dumps(v1)}
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)

@@ -154,7 +154,8 @@ def test_quantize_weight_w8_golden():
     qw.check("golden.w8")
 
 
-# w4g4, asymmetric per group of 4: scale = (hi - lo) / 15, zero_point = -lo / scale,
+# w4g4-zfloat, asymmetric per group of 4 with lowbit's first (float) zero point:
+# scale = (hi - lo) / 15, zero_point = -lo / scale,
 # q = round(x / scale + zero_point) clamped to [0, 15]. Scale floor max(|lo|, |hi|) * 2**-9.
 W4G4_INPUT = [
     # group (0,0): lo -1.5 hi 6 -> scale 0.5, zp 3 | group (0,1): lo 0.25 hi 4 -> scale 0.25, zp -1
@@ -182,13 +183,54 @@ W4G4_NBYTES = 2 * 4 + 2 * 2 * 2 * 2  # packed codes + float16 scales + float16 z
 
 
 def test_quantize_weight_w4g4_golden():
-    qw = quantize_weight(torch.tensor(W4G4_INPUT), parse_scheme("w4g4"), "golden.w4g4")
+    qw = quantize_weight(torch.tensor(W4G4_INPUT), parse_scheme("w4g4-zfloat"), "golden.w4g4")
     assert qw.codes().tolist() == W4G4_CODES
     assert qw.qdata.tolist() == W4G4_QDATA
     assert qw.scale.dtype == torch.float16 and qw.scale.tolist() == W4G4_SCALE
     assert qw.zero_point.dtype == torch.float16 and qw.zero_point.tolist() == W4G4_ZERO_POINT
     assert qw.dequantize().tolist() == W4G4_DEQUANT
     assert qw.nbytes == W4G4_NBYTES
+    qw.check("golden.w4g4")
+
+
+# w4g4 with the default integer zero point: lo, hi = min(lo, 0), max(hi, 0); scale = (hi - lo) / 15;
+# zero_point = clamp(round(-lo / scale), 0, 15) stored uint8; q = round(x / scale + zero_point)
+# clamped to [0, 15]; torch.round is half to even.
+W4G4_INT_INPUT = [
+    # (0,0): lo -1.5 hi 6 -> scale 0.5, zp 3 | (0,1): all positive, lo 0 hi 7.5 -> scale 0.5, zp 0;
+    # 0.75 / 0.5 = 1.5 -> 2 (half to even)
+    [-1.5, 0.0, 1.5, 6.0, 0.75, 1.5, 3.0, 7.5],
+    # (1,0): lo -1.25 hi 6.25 -> scale 0.5, -lo/scale = 2.5 -> zp 2 (half to even): the grid moves
+    # up by half a step: -1.25 -> -0.5 -> code 0 (dq -1.0); 6.25 -> 14.5 -> 14 (dq 6.0)
+    # (1,1): all negative, lo -7.5 hi 0 -> scale 0.5, zp 15; -3.75 -> 7.5 -> 8; -1.875 -> 11.25 -> 11
+    [-1.25, 0.0, 2.0, 6.25, -7.5, -3.75, -1.875, -0.5],
+    # (2,0): all zero -> smallest float16 scale 2**-24, zp 0 | (2,1): constant 7.5 -> scale 0.5, zp 0
+    [0.0, 0.0, 0.0, 0.0, 7.5, 7.5, 7.5, 7.5],
+]
+W4G4_INT_CODES = [
+    [0, 3, 6, 15, 2, 3, 6, 15],
+    [0, 2, 6, 14, 0, 8, 11, 14],
+    [0, 0, 0, 0, 15, 15, 15, 15],
+]
+W4G4_INT_QDATA = [[0x30, 0xF6, 0x32, 0xF6], [0x20, 0xE6, 0x80, 0xEB], [0x00, 0x00, 0xFF, 0xFF]]
+W4G4_INT_SCALE = [[0.5, 0.5], [0.5, 0.5], [2.0 ** -24, 0.5]]
+W4G4_INT_ZERO_POINT = [[3, 0], [2, 15], [0, 0]]
+W4G4_INT_DEQUANT = [
+    [-1.5, 0.0, 1.5, 6.0, 1.0, 1.5, 3.0, 7.5],
+    [-1.0, 0.0, 2.0, 6.0, -7.5, -3.5, -2.0, -0.5],
+    [0.0, 0.0, 0.0, 0.0, 7.5, 7.5, 7.5, 7.5],
+]
+W4G4_INT_NBYTES = 3 * 4 + 3 * 2 * 2 + 3 * 2 * 1  # packed codes + float16 scales + uint8 zero points
+
+
+def test_quantize_weight_w4g4_int_zero_point_golden():
+    qw = quantize_weight(torch.tensor(W4G4_INT_INPUT), parse_scheme("w4g4"), "golden.w4g4")
+    assert qw.codes().tolist() == W4G4_INT_CODES
+    assert qw.qdata.tolist() == W4G4_INT_QDATA
+    assert qw.scale.dtype == torch.float16 and qw.scale.tolist() == W4G4_INT_SCALE
+    assert qw.zero_point.dtype == torch.uint8 and qw.zero_point.tolist() == W4G4_INT_ZERO_POINT
+    assert qw.dequantize().tolist() == W4G4_INT_DEQUANT
+    assert qw.nbytes == W4G4_INT_NBYTES
     qw.check("golden.w4g4")
 
 

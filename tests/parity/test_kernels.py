@@ -56,7 +56,8 @@ PATH_TOL = {"int4mm": INT4_TOL, "int8mm": INT8_TOL, "f32": F32_PATH_TOL}
 M_VALUES = (1, 7, 64, 65, 300)
 K_VALUES = (128, 384, 1024)
 N_VALUES = (16, 384, 1536)
-FAST_SCHEMES = ("w4g32", "w4g64", "w4g128", "w4g256", "w4g128-sym", "w8")
+# w4g*: integer (uint8) zero points, the default; -zfloat keeps the float-zero-point form covered
+FAST_SCHEMES = ("w4g32", "w4g64", "w4g128", "w4g256", "w4g128-sym", "w8", "w4g32-zfloat", "w4g128-zfloat")
 # The same with float32 scales (and zero points): the only specs where the f32 path rounds at all.
 F32_SCALE_SCHEMES = tuple(f"{s}-sfloat32" for s in FAST_SCHEMES)
 

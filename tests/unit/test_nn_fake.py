@@ -36,7 +36,7 @@ def test_forward_equals_float_op_on_fake_quantized_weight(kind, scheme):
     fmod, cls, x = modules()[kind]
     spec = parse_scheme(scheme)
     fq = cls(fmod, spec)
-    ref = fmod.weight.detach()
+    ref = fmod.weight.detach().clone()  # a copy: .detach() alone shares the storage
     with torch.no_grad():
         fmod.weight.copy_(fake_quantize(ref, spec))
         want = fmod(x)

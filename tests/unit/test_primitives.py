@@ -28,8 +28,12 @@ SQNR_BUDGET_DB = {
 }
 # range methods on 4-bit may trade a little against min-max; none may lose more than this
 RANGE_METHOD_MARGIN_DB = 0.25
-# Student-t (df=3) at w4g128: min-max measured 15.42 dB, greedy 16.26, mse 15.82
-HEAVY_TAIL_GAIN_DB = {"greedy": 0.5, "mse": 0.2}
+# Student-t (df=3) at w4g128, gain of a search over min-max, per zero-point form. Float zero
+# point: min-max measured 15.41 dB, greedy 16.26, mse 15.82. Integer zero point (the default):
+# min-max 15.59, greedy 15.98, mse 15.96 -- min-max itself is better, so greedy gains less and its
+# budget is lower for this form (0.3 dB, not the float form's 0.5).
+HEAVY_TAIL_GAIN_DB = {("greedy", ""): 0.3, ("mse", ""): 0.2,
+                      ("greedy", "-zfloat"): 0.5, ("mse", "-zfloat"): 0.2}
 
 # Greedy search defaults from Guan et al. 2019 (arXiv 1911.02079)
 GREEDY_BINS = 200
@@ -93,10 +97,11 @@ def test_range_methods_reach_minmax_on_gaussian(w_gauss, base, method):
         measured_sqnr(w_gauss, base) - RANGE_METHOD_MARGIN_DB
 
 
-@pytest.mark.parametrize("method", sorted(HEAVY_TAIL_GAIN_DB))
-def test_search_beats_minmax_on_heavy_tails(w_heavy, method):
-    minmax_db = measured_sqnr(w_heavy, "w4g128")
-    assert measured_sqnr(w_heavy, f"w4g128-{method}") >= minmax_db + HEAVY_TAIL_GAIN_DB[method]
+@pytest.mark.parametrize("method,form", sorted(HEAVY_TAIL_GAIN_DB))
+def test_search_beats_minmax_on_heavy_tails(w_heavy, method, form):
+    minmax_db = measured_sqnr(w_heavy, f"w4g128{form}")
+    gain = HEAVY_TAIL_GAIN_DB[(method, form)]
+    assert measured_sqnr(w_heavy, f"w4g128-{method}{form}") >= minmax_db + gain
 
 
 @pytest.mark.parametrize("scheme", ["w4g128", "w4g128-sym", "w3g128", "w8-asym"])
@@ -194,18 +199,22 @@ def test_as_2d():
     assert as_2d(torch.zeros(4, 3, 2, 2)).shape == (4, 12)
 
 
-# scheme -> bytes of a (256, 512) weight: codes + float16 scales (+ float16 zero points)
+# scheme -> bytes of a (256, 512) weight: codes + float16 scales (+ uint8 zero points, or float16
+# ones for the -zfloat form)
 NBYTES_256x512 = {
     "w8": 256 * 512 + 256 * 2,
     "w8t": 256 * 512 + 2,
-    "w8r": 256 * 512 + 256 * 2 * 2,
-    "w4g128": 256 * 256 + 256 * 4 * 2 * 2,
-    "w4g32": 256 * 256 + 256 * 16 * 2 * 2,
+    "w8r": 256 * 512 + 256 * (2 + 1),
+    "w4g128": 256 * 256 + 256 * 4 * (2 + 1),
+    "w4g32": 256 * 256 + 256 * 16 * (2 + 1),
     "w4g128-sym": 256 * 256 + 256 * 4 * 2,
-    "w3g128": 256 * 192 + 256 * 4 * 2 * 2,  # 512 codes -> 64 units of 3 bytes
-    "w2g64": 256 * 128 + 256 * 8 * 2 * 2,
-    "w5": 256 * 512 + 256 * 2 * 2,  # 5..7 bits take a byte per code
-    "w4g128-sfloat32": 256 * 256 + 256 * 4 * 4 * 2,
+    "w3g128": 256 * 192 + 256 * 4 * (2 + 1),  # 512 codes -> 64 units of 3 bytes
+    "w2g64": 256 * 128 + 256 * 8 * (2 + 1),
+    "w5": 256 * 512 + 256 * (2 + 1),  # 5..7 bits take a byte per code
+    "w4g128-sfloat32": 256 * 256 + 256 * 4 * (4 + 1),
+    "w4g128-zfloat": 256 * 256 + 256 * 4 * 2 * 2,
+    "w8r-zfloat": 256 * 512 + 256 * 2 * 2,
+    "w4g128-sfloat32-zfloat": 256 * 256 + 256 * 4 * 4 * 2,
 }
 
 
@@ -217,7 +226,7 @@ def test_nbytes_accounting(w_gauss, scheme):
 
 def test_w4g128_is_under_a_seventh_of_float32(w_gauss):
     qw = quantize_weight(w_gauss, parse_scheme("w4g128"), "w")
-    assert qw.nbytes / (w_gauss.numel() * 4) == pytest.approx(69632 / 524288)
+    assert qw.nbytes / (w_gauss.numel() * 4) == pytest.approx(68608 / 524288)
 
 
 def test_check_reports_mismatched_tensors(w_gauss):

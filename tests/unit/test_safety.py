@@ -249,15 +249,16 @@ def test_A7_sealed_but_inconsistent_edits_are_still_caught(saved_mlp):
         lowbit.load(path, mlp())
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("0.scale", float("nan"), "finite and > 0"),
-    ("0.scale", -1.0, "finite and > 0"),
-    ("0.zero_point", float("inf"), "zero points must be finite"),
+@pytest.mark.parametrize("scheme,key,value,match", [
+    ("w4g128", "0.scale", float("nan"), "finite and > 0"),
+    ("w4g128", "0.scale", -1.0, "finite and > 0"),
+    ("w4g128", "0.zero_point", 200, r"integer zero points must lie in \[0, 15\], found 200"),
+    ("w4g128-zfloat", "0.zero_point", float("inf"), "zero points must be finite"),
 ])
-def test_A7_bad_values_with_a_valid_checksum(saved_mlp, key, value, match):
+def test_A7_bad_values_with_a_valid_checksum(tmp_path, scheme, key, value, match):
     import safetensors.torch
     from lowbit.io.format import tensors_sha256
-    _, path = saved_mlp
+    path = lowbit.save(lowbit.quantize(mlp(), scheme, targets=["Linear"], verbose=False), tmp_path / "a")
     header, _ = read_raw(path)
     doc = json.loads(header["__metadata__"]["lowbit"])
     tensors = safetensors.torch.load_file(str(path))

@@ -49,6 +49,13 @@ NAMED_FORMS: dict[str, dict] = {
                               range_method="greedy"),
     "w4g128-sfloat32": dict(bits=4, symmetric=False, granularity="group", group_size=128,
                             scale_dtype="float32"),
+    "w4g128-zfloat": dict(bits=4, symmetric=False, granularity="group", group_size=128,
+                          zero_point_form="float"),
+    "w4g128-zint": dict(bits=4, symmetric=False, granularity="group", group_size=128),
+    "w8-asym-zfloat": dict(bits=8, symmetric=False, granularity="channel", zero_point_form="float"),
+    "w2g64-mse-zfloat": dict(bits=2, symmetric=False, granularity="group", group_size=64,
+                             range_method="mse", zero_point_form="float"),
+    "w8-sym-zint": dict(bits=8, symmetric=True, granularity="channel"),
     "W4G128": dict(bits=4, symmetric=False, granularity="group", group_size=128),
     "  INT4 ": dict(bits=4, symmetric=False, granularity="group", group_size=128),
 }
@@ -60,21 +67,24 @@ CANONICAL_NAMES = {
     "w4g128-asym": "w4g128", "w8-minmax": "w8", "w4g128-sym": "w4g128-sym",
     "w8r-sym": "w8r-sym", "w8-asym": "w8-asym", "w4g128-p99.9": "w4g128-p99.9",
     "w8-p99": "w8-p99", "w2g64-greedy-asym": "w2g64-greedy", "w4g32-sym-mse": "w4g32-sym-mse",
+    "w4g128-zint": "w4g128", "w4g128-zfloat": "w4g128-zfloat", "w8-asym-zfloat": "w8-asym-zfloat",
+    "w2g64-mse-zfloat": "w2g64-mse-zfloat", "w8-sym-zint": "w8",
 }
 
 BAD_SCHEMES = ["w9", "w1", "w0", "w10", "w4g", "w4g1", "q4", "", "   ", "w4g128-foo", "int3",
                "w4x", "4", "w", "w8a4", "w4-p50", "w4-p", "w4-p101", "w8-static", "w4g128 sym",
-               "w4g128--sym", "w4g0"]
+               "w4g128--sym", "w4g0", "w4g128-zfloat-zint", "w4g128-zint-zfloat", "w8-zfloat",
+               "w4g128-sym-zfloat", "w4g128-zdouble", "w4g128-z"]
 
 SPEC_DEFAULTS = dict(granularity="channel", group_size=None, scale_dtype="float16",
-                     range_method="minmax", percentile=99.9)
+                     range_method="minmax", percentile=99.9, zero_point_form="int")
 # schemes that also quantize inputs -> their input spec
 INPUT_FORMS = {"w8a8": ActSpec(), "int8": ActSpec(),
                "w8a8-static": ActSpec(static=True, granularity="tensor")}
 
 W4G128_JSON = ('{"bits": 4, "granularity": "group", '
                '"group_size": 128, "percentile": 99.9, "range_method": "minmax", '
-               '"scale_dtype": "float16", "symmetric": false}')
+               '"scale_dtype": "float16", "symmetric": false, "zero_point_form": "int"}')
 
 
 @pytest.mark.parametrize("scheme", list(NAMED_FORMS))
@@ -224,6 +234,9 @@ BAD_FIELDS = [
     dict(bits=4, symmetric=False, percentile=100.5),
     dict(bits=4, symmetric=False, percentile=float("nan")),
     dict(bits=8, symmetric=True, act_bits=8),  # inputs live in ActSpec, not in the weight spec
+    dict(bits=4, symmetric=False, zero_point_form="fp16"),
+    dict(bits=4, symmetric=False, zero_point_form=None),
+    dict(bits=4, symmetric=True, zero_point_form="float"),  # symmetric: implicit integer zero point
 ]
 
 
@@ -275,3 +288,36 @@ def test_unused_percentile_is_rejected():
 def test_quantspec_validates_symmetric_is_bool():
     with pytest.raises(SchemeError):
         QuantSpec(bits=4, symmetric="no")  # type: ignore[arg-type]
+
+
+# A spec dict as lowbit wrote it before zero_point_form existed (asymmetric meant a float zero point)
+LEGACY_W4G128 = {"act_bits": None, "act_static": False, "bits": 4, "granularity": "group",
+                 "group_size": 128, "percentile": 99.9, "range_method": "minmax",
+                 "scale_dtype": "float16", "symmetric": False}
+
+
+def test_from_dict_without_zero_point_form_is_the_old_float_form():
+    spec = QuantSpec.from_dict(LEGACY_W4G128)
+    assert spec.zero_point_form == "float"
+    assert spec == parse_scheme("w4g128-zfloat")
+    assert spec.name == "w4g128-zfloat"
+    with pytest.raises(SchemeError, match="belong in ActSpec"):
+        QuantSpec.from_dict({**LEGACY_W4G128, "act_bits": 8})
+
+
+def test_from_dict_without_zero_point_form_symmetric_is_int():
+    legacy = {k: v for k, v in parse_scheme("w8").to_dict().items() if k != "zero_point_form"}
+    assert QuantSpec.from_dict(legacy) == parse_scheme("w8")
+
+
+def test_new_specs_default_to_the_integer_zero_point():
+    assert parse_scheme("w4g128").zero_point_form == "int"
+    assert QuantSpec(bits=4, symmetric=False).zero_point_form == "int"
+    assert QuantSpec.from_dict(parse_scheme("w4g128").to_dict()).zero_point_form == "int"
+
+
+def test_contradictory_zero_point_suffixes_are_named():
+    with pytest.raises(SchemeError, match="-zfloat contradicts -zint"):
+        parse_scheme("w4g128-zint-zfloat")
+    with pytest.raises(SchemeError, match="zero_point_form must be 'int'"):
+        parse_scheme("w4g128-sym-zfloat")

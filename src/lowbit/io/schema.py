@@ -74,8 +74,8 @@ def upgrade_v1(doc: dict, path: str) -> dict:
     for name, e in doc["layers"].items():
         if not isinstance(e, dict) or not isinstance(e.get("spec"), dict):
             raise FormatError(f"{path}: layer {name!r}: entry must be an object with a 'spec'")
-        spec = {k: v for k, v in e["spec"].items() if k not in ("act_bits", "act_static")}
-        if e["spec"].get("act_bits"):
+        spec = e["spec"]  # QuantSpec.from_dict reads format 1's fields (act_*, float zero points)
+        if spec.get("act_bits"):
             raise FormatError(f"{path}: layer {name!r}: format 1 cannot hold quantized inputs")
         tensors = ["qdata", "scale"] + ([] if spec.get("symmetric") else ["zero_point"])
         layers[name] = {**e, "spec": spec, "kind": "affine", "input": None, "tensors": tensors,

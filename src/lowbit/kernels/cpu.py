@@ -83,7 +83,8 @@ def path_supported(qw: QuantizedWeight, path: str) -> bool:
 
 
 def f32_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset (rows, n_groups) in fp32 with ``w = q * scale + offset``."""
+    """Scale and offset (rows, n_groups) in fp32 with ``w = q * scale + offset``; a zero point is
+    uint8 codes (the "int" form) or floats (the "float" form), both read as fp32."""
     zp = float(implicit_zero_point(qw.spec)) if qw.zero_point is None else qw.zero_point.float()
     scale = qw.scale.float()
     return scale, -zp * scale

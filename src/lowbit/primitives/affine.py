@@ -9,6 +9,15 @@ weight ``(out, in*kh*kw)``, an embedding table ``(num, dim)``), split into group
 
 Parameters have shape ``(rows, n_groups)`` (``(1, 1)`` per tensor). Codes are unsigned:
 ``q = clamp(round(x / scale + zero_point), qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
+
+Asymmetric zero points come in two forms (``QuantSpec.zero_point_form``):
+
+- ``int``: the range is widened to ``[min(lo, 0), max(hi, 0)]``, ``scale = (hi - lo) / qmax`` and
+  ``zero_point = clamp(round(-lo / scale), 0, qmax)`` stored as uint8. 0.0 is exactly code
+  ``zero_point``; rounding the zero point shifts the grid by at most half a step, so every value in
+  the widened range is still within ``scale / 2`` of the grid.
+- ``float``: ``zero_point = -lo / scale`` unrounded, in the scale dtype: ``lo`` maps exactly, 0.0
+  in general does not.
 """
 from __future__ import annotations
 
@@ -28,6 +37,13 @@ SMALLEST_SCALE = {"float16": 2.0 ** -24, "float32": torch.finfo(torch.float32).t
 
 def scale_dtype(spec: QuantSpec) -> torch.dtype:
     return _DTYPES[spec.scale_dtype]
+
+
+def zero_point_dtype(spec: QuantSpec) -> torch.dtype | None:
+    """The stored zero point's dtype: None (symmetric), uint8 (integer codes) or the scale dtype."""
+    if spec.symmetric:
+        return None
+    return torch.uint8 if spec.zero_point_form == "int" else scale_dtype(spec)
 
 
 def code_range(spec: QuantSpec) -> tuple[int, int]:
@@ -81,10 +97,14 @@ def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
         amax = torch.maximum(lo.abs(), hi.abs())
         return _round_up((amax / (implicit_zero_point(spec) - 1)).clamp(min=tiny), dt), None
     lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    if spec.zero_point_form == "int":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # 0.0 inside the range, so on the grid
     floor = torch.maximum(lo.abs(), hi.abs()) * MIN_RELATIVE_SCALE
     scale = _round_up(torch.maximum((hi - lo) / spec.qmax, floor).clamp(min=tiny), dt)
-    zero_point = (-lo / scale.float()).to(dt)
-    return scale, zero_point
+    zero_point = -lo / scale.float()
+    if spec.zero_point_form == "int":
+        return scale, torch.round(zero_point).clamp_(0, spec.qmax).to(torch.uint8)
+    return scale, zero_point.to(dt)
 
 
 def _round_up(scale: torch.Tensor, dt: torch.dtype) -> torch.Tensor:

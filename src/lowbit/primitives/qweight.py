@@ -10,7 +10,7 @@ import torch
 from ..errors import QuantizationError, SchemeError
 from ..spec import QuantSpec
 from .affine import (as_2d, as_groups, code_range, dequantize_codes, params_from_range,
-                     quantize_codes, scale_dtype)
+                     quantize_codes, scale_dtype, zero_point_dtype)
 from .packing import pack, packed_cols, unpack
 from .ranges import choose_range
 
@@ -21,7 +21,8 @@ class QuantizedWeight:
 
     qdata:      uint8 (rows, packed_cols), codes packed per row (see `primitives.packing`)
     scale:      (rows, n_groups) in the spec's scale dtype; (1, 1) per tensor
-    zero_point: like scale, or None for symmetric specs
+    zero_point: (rows, n_groups) like scale, or None for symmetric specs; uint8 codes for the
+                spec's "int" zero point form, the scale dtype for the "float" form
     shape:      the float tensor's shape; rows = shape[0], cols = prod(shape[1:])
     """
 
@@ -95,7 +96,7 @@ class QuantizedWeight:
         want = {"qdata": ((rows, packed_cols(cols, self.spec.bits)), torch.uint8),
                 "scale": (want_scale, scale_dtype(self.spec))}
         if not self.spec.symmetric:
-            want["zero_point"] = (want_scale, scale_dtype(self.spec))
+            want["zero_point"] = (want_scale, zero_point_dtype(self.spec))
         for key, (shape, dtype) in want.items():
             t = getattr(self, key)
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
@@ -111,6 +112,10 @@ class QuantizedWeight:
         if self.zero_point is not None and not bool(torch.isfinite(self.zero_point.float()).all()):
             raise QuantizationError(f"{name}.zero_point: zero points must be finite")
         qmin, qmax = code_range(self.spec)
+        if self.zero_point is not None and self.zero_point.dtype == torch.uint8 \
+                and self.zero_point.numel() and int(self.zero_point.max()) > qmax:
+            raise QuantizationError(f"{name}.zero_point: integer zero points must lie in [0, {qmax}], "
+                                    f"found {int(self.zero_point.max())}")
         bits, cols = self.spec.bits, self.cols
         slots = packed_cols(cols, bits) * 8 // bits if bits in (2, 3, 4, 8) else cols
         if bits in (2, 3, 4, 8) and qmin == 0 and slots == cols:
