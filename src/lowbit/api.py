@@ -1,12 +1,15 @@
 """The one-line API: `quantize` a model in place under a scheme or a recipe."""
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
+from .algorithms import NEEDS_DATA, LayerStats
 from .apply import Report, apply
+from .calibrate import collect
 from .errors import RecipeError
 from .io.format import tensors_sha256
 from .recipe import Plan, Recipe, Rule
@@ -38,25 +41,72 @@ def source_sha256(model: torch.nn.Module) -> str:
 
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
-             allow_empty: bool = False, verbose: bool = True, progress: bool = False) -> torch.nn.Module:
+             data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
+             verbose: bool = True, progress: bool = False) -> torch.nn.Module:
     """Quantize ``model`` in place and return it; prints what was quantized and skipped.
 
-    Raises `RecipeError` when a target matches no module or nothing would be quantized (unless
-    ``allow_empty``), and `QuantizationError` naming the layer when a weight cannot be quantized;
-    either way the model is left as it was.
+    ``data`` (an iterable of model inputs: tensors, tuples or dicts of tensors, or
+    `lowbit.calibration.text_batches(...)`) is needed by methods that use calibration statistics
+    (``method="gptq"``) and by static input quantization (``w8a8-static``); ``observer`` overrides
+    the static input ranges' observer (minmax, ema, percentile, mse, histogram).
+
+    Raises `RecipeError` when a target matches no module, nothing would be quantized (unless
+    ``allow_empty``) or calibration data is missing, and `QuantizationError` naming the layer when
+    a weight cannot be quantized; either way the model is left as it was.
     """
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"model must be a torch.nn.Module, found {type(model).__name__}")
-    recipe = make_recipe(scheme, targets, ignore, method)
+    recipe = with_observer(make_recipe(scheme, targets, ignore, method), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": source_sha256(model)}
-    report = apply(model, the_plan, progress=progress)
+    stats = calibrate_for(model, the_plan, data, progress)
+    report = apply(model, the_plan, stats=stats, progress=progress)
     model.lowbit_source = source
     model.lowbit_report = report
     if verbose:
         print(report, file=sys.stderr)
     return model
+
+
+def with_observer(recipe: Recipe, observer: str | None) -> Recipe:
+    """``recipe`` with every static input spec's observer set to ``observer`` (None: unchanged)."""
+    if observer is None:
+        return recipe
+    rules = tuple(dataclasses.replace(r, input_spec=dataclasses.replace(r.input_spec, observer=observer))
+                  if r.input_spec is not None and r.input_spec.static else r for r in recipe.rules)
+    if rules == recipe.rules:
+        raise RecipeError(f"observer={observer!r} given but no rule quantizes inputs statically "
+                          "(use a w8a8-static scheme)")
+    return dataclasses.replace(recipe, rules=rules)
+
+
+def calibration_needs(the_plan: Plan) -> dict[str, tuple[str, ...]]:
+    """Planned layer -> the statistics its rule needs ("hessian" for data-driven methods,
+    "range" for static inputs); layers that need none are left out."""
+    needs = {}
+    for name, rule in the_plan.layers.items():
+        kinds = (("hessian",) if rule.method in NEEDS_DATA else ()) + \
+                (("range",) if rule.input_mode == "static" else ())
+        if kinds:
+            needs[name] = kinds
+    return needs
+
+
+def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None,
+                  progress: bool) -> dict[str, LayerStats] | None:
+    """Run calibration once for every layer that needs it (None when none does)."""
+    needs = calibration_needs(the_plan)
+    if not needs:
+        return None
+    if data is None:
+        names = sorted(needs)
+        raise RecipeError(f"calibration data needed (pass data=...): {len(names)} layer(s) use a "
+                          f"method or static inputs that need it, e.g. {names[:3]}")
+    kinds = tuple(sorted({k for ks in needs.values() for k in ks}))
+    observers = {n: the_plan.layers[n].input_spec.observer for n, ks in needs.items() if "range" in ks}
+    return collect(model, data, sorted(needs), stats=kinds, observer=observers or "minmax",
+                   progress=progress)
 
 
 def plan(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
