@@ -7,7 +7,9 @@ folder, Redis or a Redis Cluster. Nothing happens at import; Redis and Dask load
 """
 from __future__ import annotations
 
+from .bag import TableEmbeddingBag
 from .build import build
+from .export import export
 from .format import FORMAT_VERSION, Layout, TableError
 from .store_local import LocalTable
 
@@ -24,4 +26,13 @@ def open(location, **kwargs):  # noqa: A001  (the public name the issue asks for
 
 open_table = open
 
-__all__ = ["FORMAT_VERSION", "Layout", "LocalTable", "TableError", "build", "open", "open_table"]
+
+
+def push(table, url: str, name: str | None = None, **kwargs) -> int:
+    """Push a table folder to Redis as a new version; see `store_redis.push`."""
+    from .store_redis import push as _push
+    return _push(table, url, name, **kwargs)
+
+
+__all__ = ["FORMAT_VERSION", "Layout", "LocalTable", "TableEmbeddingBag", "TableError", "build", "export",
+           "open", "open_table", "push"]
