@@ -3,6 +3,7 @@ dirs, without persistence; killed at the end. Every wait is bounded in count and
 use them skip (with the reason) only when the redis-server binary or redis-py is missing."""
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -15,10 +16,23 @@ START_TIMEOUT_S = 10.0
 POLL_S = 0.05
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(cluster: bool = False) -> int:
+    """A free loopback port; a cluster node also needs port + 10000 (its bus) and port <= 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        if _bindable(port) and (not cluster or _bindable(port + 10000)):
+            return port
+    raise RuntimeError("no free loopback port found in 200 tries")
 
 
 def need_redis() -> None:
@@ -43,7 +57,7 @@ class Server:
 
 
 def start_server(workdir, *extra: str) -> Server:
-    port = free_port()
+    port = free_port(cluster="--cluster-enabled" in extra)
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(workdir), "--protected-mode", "no", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -74,10 +88,11 @@ def redis_server(tmp_path_factory):
 def redis_cluster(tmp_path_factory):
     """Three masters, no replicas; yields the servers (the first one is the entry point)."""
     need_redis()
-    servers = [start_server(tmp_path_factory.mktemp(f"node{i}"), "--cluster-enabled", "yes",
-                            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
-               for i in range(3)]
+    servers = []
     try:
+        for i in range(3):
+            servers.append(start_server(tmp_path_factory.mktemp(f"node{i}"), "--cluster-enabled", "yes",
+                                        "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"))
         addrs = [f"127.0.0.1:{s.port}" for s in servers]
         res = subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
                               "--cluster-yes"], capture_output=True, text=True, timeout=30)

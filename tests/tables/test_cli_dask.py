@@ -14,7 +14,7 @@ from lowbit.tables import build, open_table
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    np.save(d / "x.npy", np.random.default_rng(0).standard_normal((4000, 32)).astype(np.float32))
+    np.save(d / "x.npy", np.random.default_rng(0).standard_normal((1000, 32)).astype(np.float32))
     return d / "x.npy"
 
 
@@ -23,17 +23,17 @@ def test_cli_build_inspect_lookup(src, tmp_path, capsys):
     assert main(["table", "build", str(src), str(out), "--bits", "4", "--range", "greedy", "--shards", "2",
                  "--workers", "0"]) == 0
     text = capsys.readouterr().out
-    assert "4000 rows x 32 at 4 bits in 2 shard(s)" in text and "x of fp32 rows" in text
+    assert "1000 rows x 32 at 4 bits in 2 shard(s)" in text and "x of fp32 rows" in text
     assert main(["table", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "range greedy" in text and text.count("ok\n") == 2
-    assert main(["table", "lookup", str(out), "17", "3999"]) == 0
+    assert main(["table", "lookup", str(out), "17", "999"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    want = open_table(out).lookup([17, 3999])
-    assert [ln.split("\t")[0] for ln in lines] == ["17", "3999"]
+    want = open_table(out).lookup([17, 999])
+    assert [ln.split("\t")[0] for ln in lines] == ["17", "999"]
     assert np.allclose(np.array(lines[0].split("\t")[1].split(","), np.float32), want[0], atol=1e-4)
-    assert main(["table", "lookup", str(out), "4000"]) == 2
-    assert "not in the table: 4000" in capsys.readouterr().err
+    assert main(["table", "lookup", str(out), "1000"]) == 2
+    assert "not in the table: 1000" in capsys.readouterr().err
 
 
 def test_cli_push_then_lookup_by_url(src, tmp_path, capsys, redis_server):

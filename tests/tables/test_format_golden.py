@@ -16,7 +16,7 @@ from lowbit.tables.format import FORMAT_VERSION, TableError, decode_header
 ROWS = [[0.0, 1.0, 2.0, 3.0], [4.0, 2.0, 0.0, -2.0]]
 HEADER_DENSE = (b"LBTS" + bytes([1, 0]) + bytes([2]) + bytes([0]) + bytes([4, 0, 0, 0])
                 + bytes([5, 0, 0, 0]) + bytes([2, 0, 0, 0, 0, 0, 0, 0]) + bytes(8))
-RECORDS = bytes([0x00, 0x3C, 0x00, 0x00, 0xE4,  0x00, 0x40, 0x00, 0xC0, 0x1B])
+RECORDS = bytes([0xE4, 0x00, 0x3C, 0x00, 0x00,  0x1B, 0x00, 0x40, 0x00, 0xC0])  # | codes | scale | bias |
 GOLDEN_DENSE = HEADER_DENSE + RECORDS
 # the same rows under keys 7 and -3 (text source): key order puts row 1 (key -3) first
 NEG3, SEVEN = bytes([0xFD] + [0xFF] * 7), bytes([7] + [0] * 7)

@@ -20,11 +20,13 @@ Shard file ``shard-00000.lbt`` (all integers little-endian)::
 
 A record of a quantized row (``p`` = 2 bytes for float16 parameters, 4 for float32)::
 
-    | scale (p bytes) | bias (p bytes) | codes: packed_cols(dim, bits) bytes (primitives.packing) |
+    | codes: packed_cols(dim, bits) bytes (primitives.packing) | scale (p bytes) | bias (p bytes) |
 
 and the row is ``x_hat[j] = code[j] * scale + bias`` (scale-and-bias form, bias = the range's low
-end; see `tables.quant`). A raw row (bits 16 or 32) is ``dim`` floats. A record is the unit every
-store keeps: a Redis value is exactly one record. For dim 64 at 4 bits a record is 36 bytes.
+end; see `tables.quant`). With float16 parameters at 4 or 2 bits this is also FBGEMM's "fused
+rowwise" layout (arXiv 1911.02079), so torch's quantized embedding-bag kernels read it as is.
+A raw row (bits 16 or 32) is ``dim`` floats. A record is the unit every store keeps: a Redis value
+is exactly one record. For dim 64 at 4 bits a record is 36 bytes.
 
 ``manifest.json``: {"format": "lowbit-table", "format_version", "packing_version", "dim", "bits",
 "scale_dtype", "range_method", "key_dtype", "dense_keys", "rows", "record_bytes",

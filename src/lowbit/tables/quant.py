@@ -78,7 +78,7 @@ def encode_rows(x: torch.Tensor, layout: Layout, range_method: str = "minmax",
     codes = quantize_codes(shifted, s32, torch.zeros_like(s32), unit).reshape(x.shape)  # (n, dim)
     back = codes.float() * s32 + b32  # what decode_reference gives (same float32 operations)
     packed = pack(codes, layout.bits).numpy()  # (n, code_bytes)
-    return np.concatenate([params.numpy().view(np.uint8), packed], axis=1), back
+    return np.concatenate([packed, params.numpy().view(np.uint8)], axis=1), back  # | codes | scale | bias |
 
 
 def _check_finite(v: torch.Tensor, first_key: int, why: str = "has NaN/Inf values") -> None:
@@ -95,10 +95,10 @@ def decode_reference(records: torch.Tensor, layout: Layout) -> torch.Tensor:
     if not layout.quantized:
         dt = torch.float16 if layout.bits == 16 else torch.float32
         return records.contiguous().view(dt).float().reshape(n, layout.dim)
-    p, dt = layout.param_bytes, _TORCH[layout.scale_dtype]
-    scale = records[:, :p].contiguous().view(dt).float()  # (n, 1)
-    bias = records[:, p:2 * p].contiguous().view(dt).float()  # (n, 1)
-    codes = unpack(records[:, 2 * p:].contiguous(), layout.bits, layout.dim).float()  # (n, dim)
+    c, p, dt = layout.code_bytes, layout.param_bytes, _TORCH[layout.scale_dtype]
+    codes = unpack(records[:, :c].contiguous(), layout.bits, layout.dim).float()  # (n, dim)
+    scale = records[:, c:c + p].contiguous().view(dt).float()  # (n, 1)
+    bias = records[:, c + p:].contiguous().view(dt).float()  # (n, 1)
     return codes * scale + bias
 
 
@@ -117,15 +117,28 @@ def decode_records(records: np.ndarray, layout: Layout) -> np.ndarray:
     if not layout.quantized:
         dt = np.float16 if layout.bits == 16 else np.float32
         return np.ascontiguousarray(records).view(dt).reshape(n, layout.dim).astype(np.float32, copy=False)
-    p = layout.param_bytes
-    params = np.ascontiguousarray(records[:, :2 * p]).view(_NUMPY[layout.scale_dtype])  # (n, 2)
+    c = layout.code_bytes
+    params = np.ascontiguousarray(records[:, c:]).view(_NUMPY[layout.scale_dtype])  # (n, 2): scale, bias
     params = params.astype(np.float32, copy=False)
-    out = np.take(code_table(layout.bits), records[:, 2 * p:], axis=0).reshape(n, -1)  # (n, bytes * per)
+    out = np.take(code_table(layout.bits), records[:, :c], axis=0).reshape(n, -1)  # (n, c * per)
     if out.shape[1] != layout.dim:
         out = out[:, :layout.dim]
     out *= params[:, :1]
     out += params[:, 1:]
     return out
+
+
+def fused_rowwise_op(layout: Layout):
+    """torch's FBGEMM row-wise embedding-bag kernel that reads this record layout as is (4 or 2 bits
+    with float16 scale and bias after the codes), or None. Called with one bag per key it returns the
+    dequantized rows ``code * scale + bias``; parity-tested against `decode_reference`."""
+    if layout.bits not in (4, 2) or layout.scale_dtype != "float16":
+        return None
+    name = {4: "embedding_bag_4bit_rowwise_offsets", 2: "embedding_bag_2bit_rowwise_offsets"}[layout.bits]
+    try:
+        return getattr(torch.ops.quantized, name)
+    except (AttributeError, RuntimeError):  # a torch build without FBGEMM: the numpy path serves
+        return None
 
 
 def row_errors(x: torch.Tensor, back: torch.Tensor) -> dict:
