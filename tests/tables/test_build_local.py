@@ -185,3 +185,33 @@ def test_streaming_build_under_a_memory_limit(tmp_path):
     t = open_table(tmp_path / "t")
     big = np.load(tmp_path / "big.npy", mmap_mode="r")
     assert t.rows == rows and np.abs(t.lookup([0, rows - 1]) - big[[0, rows - 1]]).max() < 0.3
+
+
+@pytest.mark.parametrize("bits, dim, scale_dtype", [(4, 5, "float16"), (2, 6, "float16"), (4, 8, "float32"),
+                                                    (8, 3, "float16")])
+def test_fast_lookup_matches_reference_twin(bits, dim, scale_dtype, tmp_path):
+    """Fused kernel (4/2 bits, fp16 params) or numpy decoder, and hash index vs binary search."""
+    rng = np.random.default_rng(bits * dim)
+    x = rng.standard_normal((700, dim)).astype(np.float32)
+    keys = np.unique(rng.integers(-2 ** 63, 2 ** 63 - 1, 800, dtype=np.int64))[:700]
+    write_text(tmp_path / "x.tsv", keys, x)
+    np.save(tmp_path / "x.npy", x)
+    build(tmp_path / "x.tsv", tmp_path / "s", bits=bits, scale_dtype=scale_dtype, shards=3, progress=False)
+    build(tmp_path / "x.npy", tmp_path / "d", bits=bits, scale_dtype=scale_dtype, shards=2, progress=False)
+    for name, q in (("s", keys[rng.integers(0, 700, 300)]), ("d", rng.integers(0, 700, 300))):
+        t = open_table(tmp_path / name)
+        assert np.array_equal(t.lookup(q), t.lookup_reference(q).numpy())
+    assert (open_table(tmp_path / "d")._fused is not None) == (bits in (2, 4) and scale_dtype == "float16")
+
+
+def test_array_with_keys_equals_text_build(data, tmp_path):
+    x, keys = data
+    write_text(tmp_path / "x.tsv", keys, x)
+    build(tmp_path / "x.tsv", tmp_path / "text", bits=4, shards=2, progress=False)
+    perm = np.random.default_rng(5).permutation(ROWS)  # any row order: the build sorts by key
+    build(x[perm], tmp_path / "array", keys=keys[perm], bits=4, shards=2, progress=False)
+    for i in range(2):
+        name = f"shard-{i:05d}.lbt"
+        assert (tmp_path / "text" / name).read_bytes() == (tmp_path / "array" / name).read_bytes()
+    with pytest.raises(TableError, match="duplicate key"):
+        build(x[:3], tmp_path / "dup", keys=np.array([4, 9, 4]), progress=False)

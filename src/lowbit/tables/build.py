@@ -31,6 +31,7 @@ from .sources import Source, open_source, read_rows, read_text_rows, rows_sha256
 
 CHUNK_ROWS = 65536
 DEFAULT_SHARD_ROWS = 1 << 20
+POOL_MIN_ROWS = 1 << 20  # below this, starting worker processes (~2 s each) costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,13 @@ def is_dense(source: Source) -> bool:
 def build(src, out, *, bits: int = 4, range_method: str = "minmax", scale_dtype: str = "float16",
           shards: int | None = None, tensor: str | None = None, engine: str = "local",
           workers: int | None = None, progress: bool = True, overwrite: bool = False,
-          chunk_rows: int = CHUNK_ROWS) -> dict:
-    """Build the table folder ``out`` from ``src``; returns its manifest (with an error summary)."""
+          chunk_rows: int = CHUNK_ROWS, keys=None) -> dict:
+    """Build the table folder ``out`` from ``src``; returns its manifest (with an error summary).
+    ``keys``: int64/uint64 keys of an in-memory array's rows (default: the row ids)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise TableError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    source = open_source(src, tensor)
+    source = open_source(src, tensor, keys)
     layout = Layout(source.dim, bits, scale_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -192,7 +194,9 @@ def _execute(tasks: list[ShardTask], engine: str, workers: int | None):
         return
     if engine != "local":
         raise TableError(f"engine must be 'local' or 'dask://host:port', found {engine!r}")
-    workers = min(len(tasks), os.cpu_count() or 1) if workers is None else workers
+    if workers is None:
+        rows = sum(t.stop - t.start for t in tasks)
+        workers = min(len(tasks), os.cpu_count() or 1) if rows >= POOL_MIN_ROWS else 0
     if workers <= 1 or len(tasks) == 1 or tasks[0].source.kind == "array":
         for t in tasks:
             yield t, run_shard(t)

@@ -39,12 +39,16 @@ class Source:
         return {"kind": self.kind, "path": Path(self.path).name, "tensor": self.tensor}
 
 
-def open_source(src, tensor: str | None = None) -> Source:
-    """Inspect ``src`` (a path or a 2-D float array) without reading its rows."""
+def open_source(src, tensor: str | None = None, keys=None) -> Source:
+    """Inspect ``src`` (a path, or a 2-D float array with optional ``keys``) without reading its rows."""
     if isinstance(src, np.ndarray) or hasattr(src, "detach"):
         arr = np.ascontiguousarray(src.detach().cpu().float().numpy() if hasattr(src, "detach") else src)
         _check_2d(arr.shape, "array")
-        return Source("array", "<array>", tensor, arr.shape[0], arr.shape[1], array=arr)
+        if keys is None:
+            return Source("array", "<array>", tensor, arr.shape[0], arr.shape[1], array=arr)
+        return _keyed_array(arr, np.asarray(keys))
+    if keys is not None:
+        raise TableError("keys= goes with an in-memory array source; a file source brings its own keys")
     path = Path(src)
     if not path.exists():
         raise TableError(f"{path}: no such file or folder")
@@ -56,6 +60,19 @@ def open_source(src, tensor: str | None = None) -> Source:
     if path.suffix == ".safetensors":
         return _safetensors_source(path, tensor)
     return _text_source(path)
+
+
+def _keyed_array(arr: np.ndarray, keys: np.ndarray) -> Source:
+    if keys.shape != (arr.shape[0],) or keys.dtype.kind not in "iu":
+        raise TableError(f"keys must be {arr.shape[0]} integers (one per row), found {keys.dtype} {keys.shape}")
+    keys = keys.astype(np.uint64 if keys.dtype.kind == "u" else np.int64)
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    dup = sk[1:][sk[1:] == sk[:-1]]
+    if dup.size:
+        raise TableError(f"array source: duplicate key {int(dup[0])} ({dup.size} duplicates in all)")
+    return Source("array", "<array>", None, arr.shape[0], arr.shape[1], keys=sk,
+                  array=np.ascontiguousarray(arr[order]))
 
 
 def _check_2d(shape, name: str) -> None:
