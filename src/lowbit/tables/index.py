@@ -1,10 +1,10 @@
 """`KeyIndex`: key -> row position for tables with arbitrary 64-bit keys.
 
 A bucketed hash built once at open, vectorized: bucket ``b = (key * FIB) >> (64 - log2(buckets))``
-(Fibonacci hashing of the key's 64-bit pattern) holds up to ``WAYS`` = 8 keys in one 64-byte row
-of ``bucket_keys`` (buckets, 8) and their positions in ``bucket_pos`` (buckets, 8); about
-``1 / LOAD`` slots per key. A lookup gathers each key's bucket row, compares the 8 keys at once and
-takes the position: no loop. A key that did not fit its bucket (rare) or is absent falls back to a
+(Fibonacci hashing of the key's 64-bit pattern) holds up to ``WAYS`` = 8 keys and their row
+positions in one 128-byte row of ``table`` (buckets, 16): ``[key_0 .. key_7 | pos_0 .. pos_7]``
+(keys as their 64-bit pattern); about ``1 / LOAD`` slots per key. A lookup gathers each key's bucket
+row (one gather), compares the 8 keys at once and reads the position beside the hit: no loop. A key that did not fit its bucket (rare) or is absent falls back to a
 binary search over the sorted keys, which is also `find_reference`, the plain twin.
 Empty slots hold a sentinel key that hashes to another bucket, so it never matches a query.
 """
@@ -14,6 +14,7 @@ import numpy as np
 
 FIB = np.uint64(0x9E3779B97F4A7C15)
 WAYS = 8
+POS_AT_CACHE = 1 << 14
 LOAD = 0.375  # keys per slot: mean 3 keys a bucket; about 0.05% of keys overflow to the binary search
 
 
@@ -30,12 +31,13 @@ class KeyIndex:
         first = np.searchsorted(home[order], np.arange(nb))  # (nb,) start of each bucket's run
         rank = np.arange(n) - first[home[order]]  # place inside the bucket
         fit = rank < WAYS
-        self.bucket_keys = self._sentinels(nb)  # (nb, WAYS)
-        self.bucket_pos = np.zeros((nb, WAYS), dtype=np.int32 if n < 2 ** 31 else np.int64)
+        self.table = np.zeros((nb, 2 * WAYS), dtype=np.uint64)  # (nb, 16): 8 keys | 8 positions
+        self.table[:, :WAYS] = self._sentinels(nb).view(np.uint64)
         rows, ways = home[order][fit], rank[fit]
-        self.bucket_keys[rows, ways] = keys[order][fit]
-        self.bucket_pos[rows, ways] = order[fit]
+        self.table[rows, ways] = keys[order][fit].view(np.uint64)
+        self.table[rows, WAYS + ways] = order[fit].astype(np.uint64)
         self.overflow = int((~fit).sum())
+        self._pos_at = np.arange(POS_AT_CACHE) * 2 * WAYS + WAYS  # flat offset of pos_0 in row i
 
     def _home(self, k: np.ndarray) -> np.ndarray:
         return ((k.view(np.uint64) * FIB) >> self.shift).astype(np.int64)
@@ -51,13 +53,14 @@ class KeyIndex:
 
     def find(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Positions (int64) of keys ``k`` (same dtype as the index) and a found mask (None: all found)."""
-        home = self._home(k)
-        hit = self.bucket_keys[home] == k[:, None]  # (n, WAYS)
-        way = hit.argmax(axis=1)
-        pos = self.bucket_pos[home, way].astype(np.int64)
-        ok = hit.any(axis=1)
-        if ok.all():
+        n = k.size
+        rows = np.take(self.table, (k.view(np.uint64) * FIB) >> self.shift, axis=0)  # (n, 16)
+        hit = rows[:, :WAYS] == k.view(np.uint64)[:, None]  # (n, WAYS); keys are unique: <= 1 hit a row
+        at = self._pos_at[:n] if n <= self._pos_at.size else np.arange(n) * 2 * WAYS + WAYS
+        pos = np.take(rows.reshape(-1), at + hit.argmax(axis=1)).view(np.int64)  # (n,): beside the hit
+        if np.count_nonzero(hit) == n:
             return pos, None
+        ok = hit.any(axis=1)
         miss = np.flatnonzero(~ok)  # overflowed or absent: binary search
         p, found = self.find_reference(k[miss])
         pos[miss], ok[miss] = p, found
