@@ -111,13 +111,20 @@ def bench_lookups(x, emb, dense, hashed, hashed_keys, redis_t, rounds: int, samp
         m = methods(x, emb, dense, hashed, hashed_keys, redis_t, batch)
         rng = np.random.default_rng(batch)
         per_call = max(1, 2000 // batch)  # batches per timed call
-        pools = {name: [gen(rng) for _ in range(per_call)] for name, (_, gen) in m.items()}
-        fns = {name: (lambda f=f, p=pools[name]: [f(k) for k in p]) for name, (f, _) in m.items()}
+        n_pool = max(per_call, 100_000 // batch)  # fresh keys each call: cycle through 100k keys, not 2k
+        pools = {name: [gen(rng) for _ in range(n_pool)] for name, (_, gen) in m.items()}
+        cursor = {name: 0 for name in m}
+
+        def run(name, f):
+            i = cursor[name]
+            cursor[name] = (i + per_call) % (n_pool - per_call + 1)
+            return [f(k) for k in pools[name][i:i + per_call]]
+        fns = {name: (lambda name=name, f=f: run(name, f)) for name, (f, _) in m.items()}
         t = interleaved(fns, rounds=rounds, budget_s=20.0)
         lat = {name: [] for name in m}
         for i in range(samples):
             for name, (f, _) in m.items():
-                k = pools[name][i % per_call]
+                k = pools[name][i % n_pool]
                 t0 = time.perf_counter()
                 f(k)
                 lat[name].append((time.perf_counter() - t0) * 1e6)

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -57,20 +57,25 @@ def run_shard(task: ShardTask) -> dict:
     rows, keys = task.stop - task.start, task.keys
     first = task.start if keys is None else int(keys[0])
     last = task.stop - 1 if keys is None else int(keys[-1])
-    h, src_h, errors = hashlib.sha256(), hashlib.sha256(), []
-    with open(tmp, "wb") as f:
+    h, src_h, errors, pending = hashlib.sha256(), hashlib.sha256(), [], []
+    # hashing and writing release the GIL: one helper thread does them, in order, while the next
+    # chunk is quantized
+    with open(tmp, "wb") as f, ThreadPoolExecutor(1) as io:
         def put(b: bytes) -> None:
             h.update(b)
             f.write(b)
-        put(encode_header(task.layout, rows, first, keys is not None, task.key_dtype))
+        pending.append(io.submit(put, encode_header(task.layout, rows, first, keys is not None, task.key_dtype)))
         if keys is not None:
-            put(keys.astype(keys.dtype.newbyteorder("<")).tobytes())
+            pending.append(io.submit(put, keys.astype(keys.dtype.newbyteorder("<")).tobytes()))
         for x, records, back, write in _shard_records(task):
             if x is not None:
-                rows_sha256(x, src_h)
                 errors.append(row_errors(torch.from_numpy(x), back))
+                pending.append(io.submit(rows_sha256, x, src_h))
             if write:
-                put(records.tobytes())
+                pending.append(io.submit(put, records.tobytes()))
+            pending = [p for p in pending if not p.done() or p.result()]  # surface errors early
+        for p in pending:
+            p.result()
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
