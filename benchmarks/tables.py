@@ -3,7 +3,8 @@
 against numpy fancy indexing of an in-memory float32 array (the upper bound, 7x the bytes) and
 torch's ``nn.EmbeddingBag`` (float32, one bag per key). Throughput (keys/s, from the median of
 interleaved rounds via `lowbit.eval.timing.interleaved`) and per-batch latency p50/p99 (batches
-timed one by one, methods taking turns) for batches of 1, 100 and 1,000 keys; build rows/s.
+timed one by one, methods taking turns in blocks of 200) for batches of 1, 100 and 1,000 keys;
+build rows/s.
 
     python benchmarks/tables.py --threads 1            # 1M x 64, needs redis-server for the Redis rows
 """
@@ -27,6 +28,7 @@ from lowbit.tables.quant import decode_records
 from lowbit.tables.store_redis import connect, push
 
 BATCHES = (1, 100, 1000)
+LATENCY_BLOCK = 200  # single batches a method runs in a row when timing latency (a serving loop)
 
 
 def cpu_name() -> str:
@@ -122,12 +124,13 @@ def bench_lookups(x, emb, dense, hashed, hashed_keys, redis_t, rounds: int, samp
         fns = {name: (lambda name=name, f=f: run(name, f)) for name, (f, _) in m.items()}
         t = interleaved(fns, rounds=rounds, budget_s=20.0)
         lat = {name: [] for name in m}
-        for i in range(samples):
+        for block in range(0, samples, LATENCY_BLOCK):  # methods take turns in blocks of single batches
             for name, (f, _) in m.items():
-                k = pools[name][i % n_pool]
-                t0 = time.perf_counter()
-                f(k)
-                lat[name].append((time.perf_counter() - t0) * 1e6)
+                for i in range(block, min(block + LATENCY_BLOCK, samples)):
+                    k = pools[name][i % n_pool]
+                    t0 = time.perf_counter()
+                    f(k)
+                    lat[name].append((time.perf_counter() - t0) * 1e6)
         base = t["numpy fp32 x[ids] (in memory)"].median_ms
         print(f"\nbatch of {batch} key(s): throughput from the median of {t[next(iter(t))].rounds} rounds; "
               f"latency over {samples} single batches")
