@@ -9,6 +9,7 @@ from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
 from .recipe import Plan, Recipe, RecipeError, Rule
 from .spec import QuantSpec, SchemeError, parse_scheme
+from . import tables  # lowbit.tables.open / build / push / export (Redis and Dask load only when used)
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
            "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",

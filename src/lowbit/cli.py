@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=5, help="timing rounds (batch-1 uses 6x as many)")
     d.add_argument("--threads", type=int, default=None, help="torch threads (1 gives the steadiest timings)")
     d.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
+    from .tables.cli import add_parser as add_table_parser  # lowbit table build|inspect|lookup|push
+    add_table_parser(sub)
     return p
 
 
@@ -84,7 +86,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
+    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo,
+               "table": lambda a: a.table_func(a)}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly
