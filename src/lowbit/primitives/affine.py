@@ -96,7 +96,8 @@ def quantize_codes(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     """Grouped floats (R, G, S) -> uint8 codes (R, G, S)."""
     qmin, qmax = code_range(spec)
     zp = _zp(zero_point, spec)
-    q = torch.round(xg.float() / scale.float().unsqueeze(-1) + zp)
+    q = xg.float() / scale.float().unsqueeze(-1)  # a new tensor: the steps below work in place
+    q.add_(zp).round_()
     return q.clamp_(qmin, qmax).to(torch.uint8)
 
 
