@@ -64,7 +64,7 @@ def test_choice_is_timed_once_then_read_from_the_cache_file(tmp_path):
     sel = select.KernelSelector(tmp_path)
     assert sel.choose("w8a8/w8g0/512x512", 20, candidates(calls)) == "w8a8"
     assert {m for _, m in calls} == {16}  # the bucket's representative M
-    assert len([c for c in calls if c[0] == "f32"]) >= 2  # warm-up and at least one round
+    assert len([c for c in calls if c[0] == "w8a8"]) >= 2  # warm-up and at least one round
     data = json.loads(sel.path().read_text())
     assert data["version"] == select.CACHE_VERSION and data["host"] == sel.host()
     assert data["choices"]["w8a8/w8g0/512x512"]["9-32"]["path"] == "w8a8"
@@ -167,3 +167,11 @@ def test_capability_only_orders_candidates():
     assert select.order_candidates(list(slow_first), host_without) == ["f32", "bf16"]
     ms = select.time_candidates(slow_first, 4, budget_s=0.05)
     assert ms["bf16"] < ms["f32"]  # still timed, and the fast one wins whatever the order
+
+
+def test_a_candidate_far_slower_at_warm_up_is_not_timed_again():
+    calls: list = []
+    ms = select.time_candidates({"fast": recording(calls, "fast"),
+                                 "slow": recording(calls, "slow", SLOW_S)}, 8, budget_s=0.01)
+    assert [c for c in calls if c[0] == "slow"] == [("slow", 8)]  # its warm-up only
+    assert len([c for c in calls if c[0] == "fast"]) >= 2 and ms["slow"] >= SLOW_S * 1e3

@@ -49,6 +49,7 @@ FORCE_ENV = "LOWBIT_KERNEL"
 ROW_BUCKETS = ((1, 1, 1), (2, 8, 4), (9, 32, 16), (33, 128, 64), (129, 512, 256), (513, None, 1024))
 BUDGET_S = 0.25     # timing budget of one decision (shape class x row bucket), after one warm-up
 MAX_ROUNDS = 7
+PRUNE_FACTOR = 4.0  # a warm-up this many times the fastest one ends a candidate's timing
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
                   "amx_tile", "amx_bf16", "amx_int8")
 # Candidates whose speed rests on a CPU feature; without it they are timed last.
@@ -125,21 +126,27 @@ def order_candidates(names: Sequence[str], host: dict) -> list[str]:
 
 def time_candidates(candidates: dict[str, Candidate], m: int, budget_s: float = BUDGET_S,
                     max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
-    """Median ms per candidate on ``m`` rows: one warm-up each, then rounds interleaved (each
-    candidate once per round) until ``budget_s`` is spent or ``max_rounds`` ran; at least one."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    """Median ms per candidate on ``m`` rows. One warm-up call each (timed); a candidate slower
+    than `PRUNE_FACTOR` x the fastest warm-up keeps that time and runs no more. The rest run in
+    interleaved rounds (each once per round) until ``budget_s`` is spent or ``max_rounds`` ran."""
+    warm: dict[str, float] = {}
     with torch.inference_mode():
-        for fn in candidates.values():
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
             fn(m)
+            warm[name] = (time.perf_counter() - t0) * 1e3
+        limit = PRUNE_FACTOR * min(warm.values())
+        samples = {name: [] for name in candidates if warm[name] <= limit}
         start = time.perf_counter()
         for _ in range(max_rounds):
-            for name, fn in candidates.items():
+            for name in samples:
                 t0 = time.perf_counter()
-                fn(m)
+                candidates[name](m)
                 samples[name].append((time.perf_counter() - t0) * 1e3)
             if time.perf_counter() - start > budget_s:
                 break
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: statistics.median(samples[name]) if name in samples else warm[name]
+            for name in candidates}
 
 
 class KernelSelector:
