@@ -76,6 +76,18 @@ def test_codes_and_int32_product_are_exact(m, k, n):
     assert torch.equal(prepared["col_sum"].long(), (qw.qdata.long() - 128).sum(1))
 
 
+@pytest.mark.parametrize("block", [100, 1 << 30])  # row blocks of 1..few rows, or one piece
+def test_codes_in_row_blocks_equal_codes_in_one_piece(block, monkeypatch):
+    x, _, _, _ = layer(37, 100, 4)
+    s, z = params_from_range(x.amin(1, keepdim=True), x.amax(1, keepdim=True), ACT_SPEC)
+    want = quantize_codes(x.unsqueeze(1), s, z, ACT_SPEC).view(37, 100)  # (M, 1, K) -> (M, K)
+    want_static = quantize_codes(x.reshape(1, 1, -1), torch.tensor([[0.02]]), torch.tensor([[99.5]]),
+                                 ACT_SPEC).view(37, 100)
+    monkeypatch.setattr(k8, "QUANT_BLOCK", block)
+    assert torch.equal(k8.quantize_tokens(x)[0], want)
+    assert torch.equal(k8.quantize_static(x, 0.02, 99.5), want_static)
+
+
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_dynamic_matches_reference(m, k, n, with_bias):

@@ -27,6 +27,8 @@ import torch
 from ..primitives.affine import quantize_codes
 from ..primitives.tokens import ACT_SPEC, token_params, token_range
 
+QUANT_BLOCK = 1 << 18  # elements of activations quantized in one piece
+
 
 def prepare_w8a8(codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """Kernel tensors from 8-bit symmetric per-channel codes (N, K) uint8 and scales (N, 1).
@@ -49,15 +51,40 @@ def quantize_tokens(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     """uint8 codes (M, K) and float32 scale, zero point (M, 1), one grid per row."""
     x = x2d.float()
     scale, zp = token_params(*token_range(x))
-    q = quantize_codes(x.unsqueeze(1), scale, zp, ACT_SPEC)  # (M, 1, K)
-    return q.view(x.shape), scale, zp
+    return quantize_rows(x, scale, zp), scale, zp
+
+
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (M, K) of float32 ``x`` by `primitives.affine.quantize_codes`, with ``scale``
+    and ``zp`` of shape (M, 1) (per row) or (1, 1) (per tensor). Inputs over `QUANT_BLOCK`
+    elements go in row blocks of about that size, so the float temporaries stay in cache
+    (2048 x 1536: ~1.5x faster here than in one piece)."""
+    rows = max(1, QUANT_BLOCK // max(x.shape[1], 1))
+    per_row = scale.shape[0] > 1
+    if x.shape[0] <= rows:
+        return quantize_codes(x.unsqueeze(1), scale, zp, ACT_SPEC).view(x.shape)  # (M, 1, K)
+    q = torch.empty(x.shape, dtype=torch.uint8)
+    for r0 in range(0, x.shape[0], rows):
+        r1 = min(r0 + rows, x.shape[0])
+        s, z = (scale[r0:r1], zp[r0:r1]) if per_row else (scale, zp)
+        q[r0:r1].copy_(quantize_codes(x[r0:r1].unsqueeze(1), s, z, ACT_SPEC).view(r1 - r0, -1))
+    return q
+
+
+def int_mm_float(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The exact int32 product ``q @ weight.T`` (M, N), converted to float32 in its own buffer (a
+    same-size dtype view: no second (M, N) allocation, whose page faults cost more than the cast)."""
+    acc = torch._int_mm(q, weight.t())
+    out = acc.view(torch.float32)
+    out.copy_(acc)
+    return out
 
 
 def w8a8_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic w8a8: per-token asymmetric uint8 activations, int8 weights; float32 (M, N)."""
     q, s_x, z_x = quantize_tokens(x2d)
-    out = torch._int_mm(q, prepared["weight"].t()).to(torch.float32)  # (M, N), exact
+    out = int_mm_float(q, prepared["weight"])  # (M, N)
     out.addr_(z_x.view(-1), prepared["col_sum"], alpha=-1)  # acc - z_x * c
     out.mul_(s_x)
     if bias is None:
@@ -75,10 +102,9 @@ def static_epilogue(prepared: dict[str, torch.Tensor], act_scale: float, act_zer
 
 def quantize_static(x2d: torch.Tensor, act_scale: float, act_zero_point: float) -> torch.Tensor:
     """uint8 codes (M, K) on one grid for the whole tensor (values outside it are clamped)."""
-    x = x2d.float()
     s = torch.tensor([[act_scale]], dtype=torch.float32)
     z = torch.tensor([[act_zero_point]], dtype=torch.float32)
-    return quantize_codes(x.reshape(1, 1, -1), s, z, ACT_SPEC).view(x.shape)  # (1, 1, M*K) -> (M, K)
+    return quantize_rows(x2d.float(), s, z)
 
 
 def w8a8_static_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor], act_scale: float,
@@ -87,7 +113,7 @@ def w8a8_static_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor], act
     check_act_params(act_scale, act_zero_point)
     q = quantize_static(x2d, act_scale, act_zero_point)
     mul, add = static_epilogue(prepared, act_scale, act_zero_point, bias)
-    out = torch._int_mm(q, prepared["weight"].t()).to(torch.float32)  # (M, N), exact
+    out = int_mm_float(q, prepared["weight"])  # (M, N)
     return torch.addcmul(add, out, mul, out=out)
 
 
