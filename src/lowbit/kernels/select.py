@@ -49,7 +49,7 @@ FORCE_ENV = "LOWBIT_KERNEL"
 ROW_BUCKETS = ((1, 1, 1), (2, 8, 4), (9, 32, 16), (33, 128, 64), (129, 512, 256), (513, None, 1024))
 BUDGET_S = 0.25     # timing budget of one decision (shape class x row bucket), after one warm-up
 MAX_ROUNDS = 7
-PRUNE_FACTOR = 4.0  # a warm-up this many times the fastest one ends a candidate's timing
+PRUNE_FACTOR = 4.0  # this many times the fastest in the first round ends a candidate's timing
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
                   "amx_tile", "amx_bf16", "amx_int8")
 # Candidates whose speed rests on a CPU feature; without it they are timed last.
@@ -126,27 +126,29 @@ def order_candidates(names: Sequence[str], host: dict) -> list[str]:
 
 def time_candidates(candidates: dict[str, Candidate], m: int, budget_s: float = BUDGET_S,
                     max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
-    """Median ms per candidate on ``m`` rows. One warm-up call each (timed); a candidate slower
-    than `PRUNE_FACTOR` x the fastest warm-up keeps that time and runs no more. The rest run in
-    interleaved rounds (each once per round) until ``budget_s`` is spent or ``max_rounds`` ran."""
-    warm: dict[str, float] = {}
+    """Median ms per candidate on ``m`` rows. One untimed warm-up call each (it may build inputs),
+    then interleaved rounds (each candidate once per round) until ``budget_s`` is spent or
+    ``max_rounds`` ran. A candidate slower than `PRUNE_FACTOR` x the fastest in the first round
+    keeps that one time and runs no more."""
     with torch.inference_mode():
-        for name, fn in candidates.items():
-            t0 = time.perf_counter()
+        for fn in candidates.values():
             fn(m)
-            warm[name] = (time.perf_counter() - t0) * 1e3
-        limit = PRUNE_FACTOR * min(warm.values())
-        samples = {name: [] for name in candidates if warm[name] <= limit}
+        samples = {name: [_time_ms(fn, m)] for name, fn in candidates.items()}
+        limit = PRUNE_FACTOR * min(v[0] for v in samples.values())
+        live = [name for name, v in samples.items() if v[0] <= limit]
         start = time.perf_counter()
-        for _ in range(max_rounds):
-            for name in samples:
-                t0 = time.perf_counter()
-                candidates[name](m)
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+        for _ in range(max_rounds - 1):
             if time.perf_counter() - start > budget_s:
                 break
-    return {name: statistics.median(samples[name]) if name in samples else warm[name]
-            for name in candidates}
+            for name in live:
+                samples[name].append(_time_ms(candidates[name], m))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _time_ms(fn: Candidate, m: int) -> float:
+    t0 = time.perf_counter()
+    fn(m)
+    return (time.perf_counter() - t0) * 1e3
 
 
 class KernelSelector:
