@@ -175,3 +175,12 @@ def test_a_candidate_far_slower_in_the_first_round_is_not_timed_again():
                                  "slow": recording(calls, "slow", SLOW_S)}, 8, budget_s=0.01)
     assert [c for c in calls if c[0] == "slow"] == [("slow", 8)] * 2  # warm-up and round 1 only
     assert len([c for c in calls if c[0] == "fast"]) >= 3 and ms["slow"] >= SLOW_S * 1e3
+
+
+def test_decisions_of_another_process_are_kept_when_saving(tmp_path):
+    first, second = select.KernelSelector(tmp_path), select.KernelSelector(tmp_path)
+    first._choices(), second._choices()  # both loaded the empty cache
+    first.choose("a", 1, candidates([]))
+    second.choose("b", 1, candidates([]))
+    shapes = {row["shape"] for row in select.cached_choices(tmp_path)}
+    assert shapes == {"a", "b"}

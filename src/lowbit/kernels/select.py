@@ -94,7 +94,7 @@ def host_key(host: dict) -> str:
     return hashlib.sha256(_canonical(host).encode()).hexdigest()[:16]
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
@@ -154,12 +154,13 @@ def _time_ms(fn: Candidate, m: int) -> float:
 class KernelSelector:
     """Chooses a layer's path per row bucket by timing on this host; decisions cached on disk."""
 
-    def __init__(self, cache_dir_: str | os.PathLike | None = None, budget_s: float = BUDGET_S,
+    def __init__(self, cache_dir: str | os.PathLike | None = None, budget_s: float = BUDGET_S,
                  pinned: Sequence[str] | None = None):
-        self.cache_dir = Path(cache_dir_) if cache_dir_ is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.budget_s = budget_s
         self._pinned = tuple(pinned) if pinned is not None else None
         self._static = None
+        self._keys: dict[int, str] = {}     # thread count -> host key
         self._loaded: dict[str, dict] = {}  # host key -> choices
 
     @classmethod
@@ -172,9 +173,15 @@ class KernelSelector:
             self._static = describe_host()
         return {**self._static, "threads": torch.get_num_threads()}
 
+    def key(self) -> str:
+        """This host's cache key at the current thread count (memoized: `choose` runs per call)."""
+        threads = torch.get_num_threads()
+        if threads not in self._keys:
+            self._keys[threads] = host_key(self.host())
+        return self._keys[threads]
+
     def path(self) -> Path:
-        host = self.host()
-        return (self.cache_dir or cache_dir()) / f"kernels-{host_key(host)}.json"
+        return (self.cache_dir or default_cache_dir()) / f"kernels-{self.key()}.json"
 
     def choose(self, shape_key: str, rows: int, candidates: dict[str, Candidate]) -> str:
         """The path for ``rows`` activation rows of a layer of class ``shape_key``."""
@@ -203,22 +210,27 @@ class KernelSelector:
 
     def clear(self) -> None:
         """Forget this host's decisions (``lowbit kernels --refresh``)."""
-        self._loaded.pop(host_key(self.host()), None)
+        self._loaded.pop(self.key(), None)
         self.path().unlink(missing_ok=True)
 
     def _choices(self) -> dict:
-        key = host_key(self.host())
+        key = self.key()
         if key not in self._loaded:
             self._loaded[key] = read_cache(self.path(), self.host())
         return self._loaded[key]
 
     def _save(self, choices: dict) -> None:
-        write_cache(self.path(), self.host(), choices)
+        """Merge into what the file holds now (another process may have added classes), write."""
+        merged = read_cache(self.path(), self.host())
+        for shape, buckets in choices.items():
+            merged.setdefault(shape, {}).update(buckets)
+        choices.update(merged)
+        write_cache(self.path(), self.host(), merged)
 
 
-def cached_choices(cache_dir_: str | os.PathLike | None = None) -> list[dict]:
+def cached_choices(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """This host's cached decisions (current thread count), for ``lowbit kernels``."""
-    return KernelSelector(cache_dir_).cached_choices()
+    return KernelSelector(cache_dir).cached_choices()
 
 
 def read_cache(path: Path, host: dict) -> dict:
