@@ -31,7 +31,7 @@ SHAPES = ((384, 384), (384, 1536), (1536, 384), (4096, 4096))  # (K, N)
 ROWS = (1, 64, 2048)
 # weight-only packed kernels at 2,048 rows on 4096 x 4096 take seconds a call: not timed there
 SLOW_SKIP = {("w8 int8mm", 4096, 2048), ("w4 int4mm", 4096, 2048)}
-W8_PATHS = ("w8a8", "w8 int8mm", "w8 bf16", "w8 f32")
+W8_PATHS = {"w8a8": "w8a8", "int8mm": "w8 int8mm", "bf16": "w8 bf16", "f32": "w8 f32"}  # selector: table
 
 
 def ao_linear(w: torch.Tensor, b: torch.Tensor) -> torch.nn.Module:
@@ -63,7 +63,7 @@ def layer_paths(w: torch.Tensor, b: torch.Tensor, x_calib: torch.Tensor) -> dict
 
 
 def w8_choice(selector: KernelSelector, paths: dict, k: int, n: int, m: int) -> str:
-    cands = {name: paths[name] for name in W8_PATHS}
+    cands = {name: paths[column] for name, column in W8_PATHS.items()}
     return selector.choose(shape_class("w8", 8, None, n, k), m, runners(cands, k))
 
 
@@ -138,11 +138,13 @@ def w8a8_maker(static_ranges: dict | None = None, selector: KernelSelector | Non
 
 
 def auto_w8(mod, qw, p8, selector: KernelSelector):
-    """w8 weights; per call the selector's path for the number of rows among w8a8 / int8mm / bf16."""
+    """w8 weights; per call the selector's path for the number of rows among w8a8 / int8mm /
+    bf16 / f32 (the same candidates as the layer table's ``choice``)."""
     b, i8, f8 = mod.bias, cpu.prepare_int8(qw), cpu.f32_params(qw)
     fns = {"w8a8": lambda x: k8.w8a8_linear(x, p8, b),
            "int8mm": lambda x: cpu.int8_linear(x, *i8).float().add_(b),
-           "bf16": lambda x: bf16.bf16_linear(x, qw, *f8, b)}
+           "bf16": lambda x: bf16.bf16_linear(x, qw, *f8, b),
+           "f32": lambda x: cpu.f32_linear(x, qw, *f8, b)}
     runs = runners(fns, qw.shape[1])
     key = shape_class("w8", 8, None, *qw.shape)
     return lambda x: fns[selector.choose(key, x.shape[0], runs)](x)

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,8 @@ FORCE_ENV = "LOWBIT_KERNEL"
 ROW_BUCKETS = ((1, 1, 1), (2, 8, 4), (9, 32, 16), (33, 128, 64), (129, 512, 256), (513, None, 1024))
 BUDGET_S = 0.25     # timing budget of one decision (shape class x row bucket), after one warm-up
 MAX_ROUNDS = 7
-PRUNE_FACTOR = 4.0  # this many times the fastest in the first round ends a candidate's timing
+PRUNE_FACTOR = 4.0  # this many times the fastest after PRUNE_AFTER rounds ends a candidate's timing
+PRUNE_AFTER = 2
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
                   "amx_tile", "amx_bf16", "amx_int8")
 # Candidates whose speed rests on a CPU feature; without it they are timed last.
@@ -126,23 +126,26 @@ def order_candidates(names: Sequence[str], host: dict) -> list[str]:
 
 def time_candidates(candidates: dict[str, Candidate], m: int, budget_s: float = BUDGET_S,
                     max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
-    """Median ms per candidate on ``m`` rows. One untimed warm-up call each (it may build inputs),
-    then interleaved rounds (each candidate once per round) until ``budget_s`` is spent or
-    ``max_rounds`` ran. A candidate slower than `PRUNE_FACTOR` x the fastest in the first round
-    keeps that one time and runs no more."""
+    """Least ms per candidate on ``m`` rows. One untimed warm-up call each (it may build inputs),
+    then interleaved rounds (each candidate once per round) until ``budget_s`` is spent (after at
+    least `PRUNE_AFTER` rounds) or ``max_rounds`` ran. After `PRUNE_AFTER` rounds a candidate
+    slower than `PRUNE_FACTOR` x the fastest runs no more. The least, not the median: on a shared
+    machine other jobs only ever add time (a preempted call read 8-40 ms where the same call took
+    0.1 ms), so the least of few samples is the steadiest estimate of what a path costs."""
     with torch.inference_mode():
         for fn in candidates.values():
             fn(m)
-        samples = {name: [_time_ms(fn, m)] for name, fn in candidates.items()}
-        limit = PRUNE_FACTOR * min(v[0] for v in samples.values())
-        live = [name for name, v in samples.items() if v[0] <= limit]
-        start = time.perf_counter()
-        for _ in range(max_rounds - 1):
-            if time.perf_counter() - start > budget_s:
-                break
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        live, start = list(candidates), time.perf_counter()
+        for r in range(max_rounds):
             for name in live:
                 samples[name].append(_time_ms(candidates[name], m))
-    return {name: statistics.median(v) for name, v in samples.items()}
+            if r + 1 == PRUNE_AFTER:
+                limit = PRUNE_FACTOR * min(min(v) for v in samples.values())
+                live = [name for name in live if min(samples[name]) <= limit]
+            if r + 1 >= PRUNE_AFTER and time.perf_counter() - start > budget_s:
+                break
+    return {name: min(v) for name, v in samples.items()}
 
 
 def _time_ms(fn: Candidate, m: int) -> float:
