@@ -14,11 +14,15 @@ Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, eq.
 activation scales as in Yao et al., "ZeroQuant", NeurIPS 2022).
 
 Speed notes (AMD EPYC, torch 2.13, 1 thread; measured while writing this): the weight is handed to
-``_int_mm`` as the transposed view of a contiguous (N, K) tensor (about 6x faster at M=1 than a
-contiguous (K, N)); mixed-dtype elementwise ops (int32 * float32) are 5-20x slower than casting
+``_int_mm`` as the transposed view of a contiguous (N, K) tensor (issue 6: about 6x faster at M=1
+than a contiguous (K, N)); mixed-dtype elementwise ops (int32 * float32) are 5-20x slower than casting
 once and working in float32 in place, so the epilogue casts ``acc`` once and then updates it in
-place; per-row ``amin`` + ``amax`` beat ``aminmax`` 10x. ``ref_w8a8_linear`` and
-``ref_w8a8_static_linear`` are the plain-torch twins (exact integer products in float64).
+place; per-row ``amin`` + ``amax`` beat ``aminmax`` 10x. Fused alternatives checked in torch
+2.13: ``onednn::qlinear_pointwise`` takes plain tensors but only one activation scale and zero
+point per tensor ("act scale/zp size should be 1"), ``aten::_scaled_mm`` on the CPU takes only
+float8; a ``torch.compile``d quantize and epilogue was ~15-25% faster at 2,048 rows but compiled
+for 30 s, so it is not used. ``ref_w8a8_linear`` and ``ref_w8a8_static_linear`` are the
+plain-torch twins (exact integer products in float64).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 from ..primitives.affine import quantize_codes
 from ..primitives.tokens import ACT_SPEC, token_params, token_range
 
-QUANT_BLOCK = 1 << 18  # elements of activations quantized in one piece
+QUANT_BLOCK = 1 << 19  # most elements of activations quantized in one piece
 
 
 def prepare_w8a8(codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -58,7 +62,7 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> tor
     """uint8 codes (M, K) of float32 ``x`` by `primitives.affine.quantize_codes`, with ``scale``
     and ``zp`` of shape (M, 1) (per row) or (1, 1) (per tensor). Inputs over `QUANT_BLOCK`
     elements go in row blocks of about that size, so the float temporaries stay in cache
-    (2048 x 1536: ~1.5x faster here than in one piece)."""
+    (2048 x 1536: ~1.15x faster here than in one piece; no gain below 2**19 elements)."""
     rows = max(1, QUANT_BLOCK // max(x.shape[1], 1))
     per_row = scale.shape[0] > 1
     if x.shape[0] <= rows:
