@@ -1,13 +1,14 @@
 """Fast CPU twins of `primitives` for weight-only Linear layers, and their plain-torch references.
 
-Measured on this CPU (torch 2.13, AVX-512; benchmarks/kernel_paths.py, BENCHMARKS.md): the aten
-int4/int8 weight-packed matmuls are fast only with **bfloat16** activations (with float32
-activations they are 4-50x slower than fp32), so those paths cast activations to bf16 and the
-output back. They beat fp32 only for few activation rows (0.3-0.5x of fp32's time at M <= 8 on
-1024x4096 and larger weights); above a crossover that grows with the weight (`MAX_ROWS`),
-dequantizing to fp32 on every call and running the fp32 matmul is the fastest quantized path
-(1.05-1.2x of fp32 at M >= 512). A bf16 matmul on a dequantized weight is about 1.8x *slower* than
-fp32 here (no AMX), so lowbit has no bf16-matmul path.
+Measured on an Intel Xeon (torch 2.13, AVX-512, no AMX; benchmarks/kernel_paths.py,
+BENCHMARKS.md): the aten int4/int8 weight-packed matmuls are fast only with **bfloat16**
+activations (with float32 activations they are 4-50x slower than fp32), so those paths cast
+activations to bf16 and the output back. They beat fp32 only for few activation rows (0.3-0.5x of
+fp32's time at M <= 8 on 1024x4096 and larger weights); above a crossover that grows with the
+weight (`MAX_ROWS`), dequantizing to fp32 on every call and running the fp32 matmul is the fastest
+quantized path there (1.05-1.2x of fp32 at M >= 512). A bf16 matmul on a dequantized weight was
+1.8x *slower* than fp32 on that Xeon but 0.4-0.55x on an AMD EPYC (Zen 4): `kernels.bf16` has that
+path, and `kernels.select` times the paths on the host instead of trusting `MAX_ROWS`.
 
 Paths (chosen per call by `choose_path` from the number of activation rows M):
   ``int4mm``  aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
