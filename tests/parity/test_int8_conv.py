@@ -59,3 +59,12 @@ def test_bad_parameters_name_the_problem():
         kc.prepare_w8a8_conv(codes, torch.ones(3, 1), (4, 2, 3, 3), 0.1, 3)
     with pytest.raises(ValueError, match=r"expected uint8 with \(4, 2, 3, 3\) elements, found \(4, 17\)"):
         kc.prepare_w8a8_conv(codes[:, :17], torch.ones(4, 1), (4, 2, 3, 3), 0.1, 3)
+
+
+@pytest.mark.parametrize("shape,groups", [((16, 8, 3, 3), 1), ((8, 2, 5, 5), 4), ((4, 3, 1, 1), 1)])
+def test_codes_come_back_from_the_packed_weight(shape, groups):
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(1, 256, (shape[0], shape[1] * shape[2] * shape[3]), dtype=torch.uint8,
+                          generator=gen)
+    prepared = kc.prepare_w8a8_conv(codes, torch.ones(shape[0], 1), shape, 0.1, 7, groups=groups)
+    assert torch.equal(kc.codes_from_prepared_conv(prepared), codes)

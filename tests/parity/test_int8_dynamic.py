@@ -140,3 +140,8 @@ def test_bad_inputs_name_the_problem():
     prepared = k8.prepare_w8a8(qw.qdata, qw.scale)
     with pytest.raises(ValueError, match="act_scale must be a positive finite float, found 0.0"):
         k8.w8a8_static_linear(torch.ones(2, 64), prepared, 0.0, 128.0)
+
+
+def test_codes_come_back_from_the_kernel_form():
+    _, _, _, qw = layer(1, 100, 30)
+    assert torch.equal(k8.codes_from_prepared(k8.prepare_w8a8(qw.qdata, qw.scale)), qw.qdata)

@@ -59,6 +59,13 @@ def prepare_w8a8_conv(codes: torch.Tensor, scale: torch.Tensor, weight_shape: tu
             "act_scale": float(act_scale), "act_zero_point": int(act_zero_point), **geometry}
 
 
+def codes_from_prepared_conv(prepared: dict) -> torch.Tensor:
+    """lowbit's uint8 codes (out, in/groups*kh*kw) back from the oneDNN-packed weight (its
+    ``to_dense`` returns the int8 weight exactly), so a layer can hold the packed form alone."""
+    w = prepared["packed"].to_dense()  # (out, in/groups, kh, kw) int8
+    return (w.to(torch.int16) + 128).to(torch.uint8).reshape(w.shape[0], -1)
+
+
 def w8a8_static_conv2d(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """float32 (N, out, H', W') from float (N, in, H, W) activations."""
     s, z = prepared["act_scale"], prepared["act_zero_point"]

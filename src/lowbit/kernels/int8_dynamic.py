@@ -52,6 +52,12 @@ def prepare_w8a8(codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Te
     return {"weight": w, "scale": scale.float().reshape(-1).contiguous(), "col_sum": col_sum}
 
 
+def codes_from_prepared(prepared: dict[str, torch.Tensor]) -> torch.Tensor:
+    """lowbit's uint8 codes (N, K) back from the kernel's int8 weight, so a layer can hold the
+    kernel form alone (one copy of the weights) and still write the file layout."""
+    return (prepared["weight"].to(torch.int16) + 128).to(torch.uint8)
+
+
 def quantize_tokens(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 codes (M, K) and float32 scale, zero point (M, 1), one grid per row."""
     x = x2d.float()
