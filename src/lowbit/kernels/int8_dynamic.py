@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives.affine import quantize_codes
+from ..primitives.affine import params_from_range, quantize_codes
 from ..primitives.tokens import ACT_SPEC, token_params, token_range
 
 QUANT_BLOCK = 1 << 19  # most elements of activations quantized in one piece
@@ -149,8 +149,6 @@ def ref_w8a8_linear(x2d: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference twin of `w8a8_linear`: the same codes from `primitives` (`params_from_range` and
     `quantize_codes` on each row), the integer product and the epilogue in float64."""
-    from ..primitives.affine import params_from_range
-
     x = x2d.float()
     s_x, z_x = params_from_range(x.amin(1, keepdim=True), x.amax(1, keepdim=True), ACT_SPEC)
     q = quantize_codes(x.unsqueeze(1), s_x, z_x, ACT_SPEC).view(x.shape)  # (M, K)
