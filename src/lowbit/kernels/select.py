@@ -24,8 +24,9 @@ forces the first listed path a layer offers (an error names the layer's paths wh
 
 Path names are the callers' (``fp32``, ``f32``, ``bf16``, ``int8mm``, ``int4mm``, ``w8a8``,
 ``w8a8-static``, ...); `NEEDS_FLAGS` names the ones whose speed rests on a CPU feature. A cold
-cache costs one warm-up call per candidate plus up to `BUDGET_S` per (shape class, row bucket)
-that a model actually meets.
+cache costs, per (shape class, row bucket) that a model actually meets, one warm-up and
+`PRUNE_AFTER` timed calls per candidate, then rounds of the candidates still in the race until
+`BUDGET_S` (``ms`` in the file: the least time of each candidate's timed calls).
 """
 from __future__ import annotations
 
