@@ -145,3 +145,21 @@ def test_bad_inputs_name_the_problem():
 def test_codes_come_back_from_the_kernel_form():
     _, _, _, qw = layer(1, 100, 30)
     assert torch.equal(k8.codes_from_prepared(k8.prepare_w8a8(qw.qdata, qw.scale)), qw.qdata)
+
+
+def test_static_parameters_as_tensors_give_the_same_bits_as_floats():
+    x, _, bias, qw = layer(9, 64, 16)
+    prepared = k8.prepare_w8a8(qw.qdata, qw.scale)
+    as_floats = k8.w8a8_static_linear(x, prepared, 0.03, 120.25, bias)
+    as_tensors = k8.w8a8_static_linear(x, prepared, torch.tensor([0.03]), torch.tensor([[120.25]]), bias)
+    assert torch.equal(as_floats, as_tensors)
+
+
+def test_non_contiguous_and_bf16_inputs():
+    x, _, bias, qw = layer(12, 64, 16)
+    prepared = k8.prepare_w8a8(qw.qdata, qw.scale)
+    xt = x.t().contiguous().t()  # same values, column-major
+    assert not xt.is_contiguous()
+    assert torch.equal(k8.w8a8_linear(xt, prepared, bias), k8.w8a8_linear(x, prepared, bias))
+    xb = x.bfloat16()
+    assert torch.equal(k8.w8a8_linear(xb, prepared, bias), k8.w8a8_linear(xb.float(), prepared, bias))

@@ -107,24 +107,34 @@ def w8a8_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
     return torch.addcmul(bias.float(), out, prepared["scale"], out=out)
 
 
-def static_epilogue(prepared: dict[str, torch.Tensor], act_scale: float, act_zero_point: float,
+def static_epilogue(prepared: dict[str, torch.Tensor], act_scale: "float | torch.Tensor",
+                    act_zero_point: "float | torch.Tensor",
                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``mul`` (N,) and ``add`` (N,) with ``y = acc * mul + add`` for fixed s_x, z_x."""
-    mul = prepared["scale"] * act_scale
+    """Per-channel ``mul`` and ``add`` (N,) with ``y = acc * mul + add`` for fixed s_x, z_x."""
+    mul = prepared["scale"] * float(act_scale)
     add = mul * (-float(act_zero_point)) * prepared["col_sum"]
     return mul, add if bias is None else add + bias.float()
 
 
-def quantize_static(x2d: torch.Tensor, act_scale: float, act_zero_point: float) -> torch.Tensor:
-    """uint8 codes (M, K) on one grid for the whole tensor (values outside it are clamped)."""
-    s = torch.tensor([[act_scale]], dtype=torch.float32)
-    z = torch.tensor([[act_zero_point]], dtype=torch.float32)
-    return quantize_rows(x2d.float(), s, z)
+def quantize_static(x2d: torch.Tensor, act_scale: "float | torch.Tensor",
+                    act_zero_point: "float | torch.Tensor") -> torch.Tensor:
+    """uint8 codes (M, K) on one grid for the whole tensor (values outside it are clamped). The
+    parameters may be floats or one-element float32 tensors (a layer's buffers: no new tensor
+    per call)."""
+    return quantize_rows(x2d.float(), _as_11(act_scale), _as_11(act_zero_point))
 
 
-def w8a8_static_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor], act_scale: float,
-                       act_zero_point: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Static w8a8: one activation scale / zero point (from calibration); float32 (M, N)."""
+def _as_11(v: "float | torch.Tensor") -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.reshape(1, 1).float()
+    return torch.tensor([[v]], dtype=torch.float32)
+
+
+def w8a8_static_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
+                       act_scale: "float | torch.Tensor", act_zero_point: "float | torch.Tensor",
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Static w8a8: one activation scale / zero point (from calibration; floats or one-element
+    tensors); float32 (M, N)."""
     check_act_params(act_scale, act_zero_point)
     q = quantize_static(x2d, act_scale, act_zero_point)
     mul, add = static_epilogue(prepared, act_scale, act_zero_point, bias)
