@@ -1,9 +1,9 @@
 """Layer kernels and MiniLM end to end: fp32 vs torch.ao dynamic int8 vs lowbit's kernel paths.
 
-Layer table: each path on the same weight, side by side, interleaved round by round (median ms
-of fp32 and each path's ratio to it): torch.ao ``quantize_dynamic`` Linear (the peer), lowbit
-``w8a8`` (per-token dynamic), ``w8a8-static`` (one activation range), weight-only ``w8`` int8mm,
-``w4g128`` int4mm, and dequantize-per-call to bf16 / fp32. ``choice`` is what
+Layer table: each path on the same weight, side by side, interleaved round by round (fp32's
+median and min ms and each path's ratio to them): torch.ao ``quantize_dynamic`` Linear (the
+peer), lowbit ``w8a8`` (per-token dynamic), ``w8a8-static`` (one activation range), weight-only
+``w8`` int8mm, ``w4g128`` int4mm, and dequantize-per-call to bf16 / fp32. ``choice`` is what
 `kernels.select.KernelSelector` picks on this host among the w8 paths (w8a8, int8mm, bf16, f32).
 
 End to end: all-MiniLM-L6-v2 with its Linear layers' forward replaced *in this script only*
@@ -84,16 +84,20 @@ def bench_layers(rounds: int, selector: KernelSelector) -> None:
         w, b = torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen) * 0.1
         paths = layer_paths(w, b, torch.randn(256, k, generator=gen))
         names = list(paths)
-        print(f"\nLinear K={k} N={n}: fp32 median ms, then each path's median / fp32's median")
+        print(f"\nLinear K={k} N={n}: fp32 ms, then each path's time / fp32's; per M a median row "
+              "and a (min) row")
         print(f"  {'M':>5}{'fp32 ms':>9}" + "".join(f"{name:>11}" for name in names) + f"{'choice':>11}")
         for m in ROWS:
             x = torch.randn(m, k, generator=gen)
             fns = {"fp32": lambda: F.linear(x, w, b)}
             fns.update({nm: (lambda f=f: f(x)) for nm, f in paths.items() if (nm, k, m) not in SLOW_SKIP})
             t = interleaved(fns, rounds=rounds if m * k * n < 2 ** 31 else 3, budget_s=6.0)
-            base = t["fp32"].median_ms
-            cells = "".join(f"{t[nm].median_ms / base:>11.2f}" if nm in t else f"{'-':>11}" for nm in names)
-            print(f"  {m:>5}{base:>9.3f}{cells}{w8_choice(selector, paths, k, n, m):>11}", flush=True)
+            for stat in ("median_ms", "min_ms"):
+                base = getattr(t["fp32"], stat)
+                cells = "".join(f"{getattr(t[nm], stat) / base:>11.2f}" if nm in t else f"{'-':>11}"
+                                for nm in names)
+                tail = w8_choice(selector, paths, k, n, m) if stat == "median_ms" else "(min)"
+                print(f"  {m if stat == 'median_ms' else '':>5}{base:>9.3f}{cells}{tail:>11}", flush=True)
 
 
 def patch_linears(model: torch.nn.Module, make) -> torch.nn.Module:
@@ -198,10 +202,13 @@ def bench_minilm(rounds: int, selector: KernelSelector) -> None:
     t64 = interleaved({k: (lambda m=m: m(**b64)) for k, m in variants.items()}, rounds=rounds)
     t1 = interleaved({k: (lambda m=m: m(**b1)) for k, m in variants.items()}, rounds=rounds * 4)
     print(f"  batch 64 = {b64['input_ids'].numel()} tokens, batch 1 = {b1['input_ids'].numel()} tokens")
-    print(f"  {'method':<20}{'b64 ms':>9}{'x fp32':>8}{'b1 ms':>8}{'x fp32':>8}{'cos mean':>10}{'cos min':>9}")
+    print(f"  {'method':<20}{'b64 ms':>9}{'x fp32':>8}{'min x':>7}{'b1 ms':>8}{'x fp32':>8}{'min x':>7}"
+          f"{'cos mean':>10}{'cos min':>9}")
     for k in variants:
         print(f"  {k:<20}{t64[k].median_ms:>9.2f}{t64[k].median_ms / t64['fp32'].median_ms:>8.2f}"
+              f"{t64[k].min_ms / t64['fp32'].min_ms:>7.2f}"
               f"{t1[k].median_ms:>8.2f}{t1[k].median_ms / t1['fp32'].median_ms:>8.2f}"
+              f"{t1[k].min_ms / t1['fp32'].min_ms:>7.2f}"
               f"{quality[k].mean().item():>10.5f}{quality[k].min().item():>9.5f}")
     for row in selector.cached_choices():
         print(f"  selector: {row['shape']:<24} rows {row['bucket']:<8} -> {row['path']:<7} "
