@@ -1,7 +1,8 @@
 """Which compute path is fastest for a weight-only QLinear, per shape and number of rows M: the
 measurements behind `kernels.cpu.INT4_MAX_ROWS` / `INT8_MAX_ROWS`. Each lowbit path is pinned with
 `QLinear.set_path` and timed side by side with fp32 (`F.linear`) and a bf16 GEMM on a
-pre-dequantized weight (for reference: it is why lowbit has no bf16 path). Prints the ratio of
+pre-dequantized weight (slow on the Intel Xeon these crossovers were measured on, fast on an AMD
+EPYC: see `kernels.bf16`, `kernels.select` and benchmarks/activations.py). Prints the ratio of
 each path's median to fp32's median, interleaved round by round.
 
     python benchmarks/kernel_paths.py --threads 1

@@ -1,13 +1,14 @@
 """Fast CPU twins of `primitives` for weight-only Linear layers, and their plain-torch references.
 
-Measured on this CPU (torch 2.13, AVX-512; benchmarks/kernel_paths.py, BENCHMARKS.md): the aten
-int4/int8 weight-packed matmuls are fast only with **bfloat16** activations (with float32
-activations they are 4-50x slower than fp32), so those paths cast activations to bf16 and the
-output back. They beat fp32 only for few activation rows (0.3-0.5x of fp32's time at M <= 8 on
-1024x4096 and larger weights); above a crossover that grows with the weight (`MAX_ROWS`),
-dequantizing to fp32 on every call and running the fp32 matmul is the fastest quantized path
-(1.05-1.2x of fp32 at M >= 512). A bf16 matmul on a dequantized weight is about 1.8x *slower* than
-fp32 here (no AMX), so lowbit has no bf16-matmul path.
+Measured on an Intel Xeon (torch 2.13, AVX-512, no AMX; benchmarks/kernel_paths.py,
+BENCHMARKS.md): the aten int4/int8 weight-packed matmuls are fast only with **bfloat16**
+activations (with float32 activations they are 4-50x slower than fp32), so those paths cast
+activations to bf16 and the output back. They beat fp32 only for few activation rows (0.3-0.5x of
+fp32's time at M <= 8 on 1024x4096 and larger weights); above a crossover that grows with the
+weight (`MAX_ROWS`), dequantizing to fp32 on every call and running the fp32 matmul is the fastest
+quantized path there (1.05-1.2x of fp32 at M >= 512). A bf16 matmul on a dequantized weight was
+1.8x *slower* than fp32 on that Xeon but 0.4-0.55x on an AMD EPYC (Zen 4): `kernels.bf16` has that
+path, and `kernels.select` times the paths on the host instead of trusting `MAX_ROWS`.
 
 Paths (chosen per call by `choose_path` from the number of activation rows M):
   ``int4mm``  aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
@@ -105,14 +106,21 @@ def dequant_f32(qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) 
     strided copies), then scaled and offset in place: about 2.5x faster here than unpacking to a
     uint8 tensor and letting a promoting multiply-add allocate the floats.
     """
-    rows, cols = qw.shape
-    out = torch.empty(rows, cols, dtype=torch.float32)
-    if qw.spec.bits == 8:
-        out.copy_(qw.qdata)
+    out = torch.empty(qw.shape[0], qw.shape[1], dtype=torch.float32)
+    return dequant_rows_into(out, qw.qdata, qw.spec.bits, scale, offset)
+
+
+def dequant_rows_into(out: torch.Tensor, qdata: torch.Tensor, bits: int, scale: torch.Tensor,
+                      offset: torch.Tensor) -> torch.Tensor:
+    """Write ``q * scale + offset`` for the rows of packed 4/8-bit ``qdata`` into fp32 ``out``
+    (rows, cols); ``scale`` and ``offset`` are (rows, n_groups). Rows may be a slice of a weight."""
+    rows, cols = out.shape
+    if bits == 8:
+        out.copy_(qdata)
     else:
         pairs = out.view(rows, cols // 2, 2)
-        pairs[..., 0].copy_(qw.qdata & 0x0F)
-        pairs[..., 1].copy_(qw.qdata >> 4)
+        pairs[..., 0].copy_(qdata & 0x0F)
+        pairs[..., 1].copy_(qdata >> 4)
     grouped = out.view(rows, scale.shape[1], -1)  # (out, groups, group_len)
     grouped.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
     return out
