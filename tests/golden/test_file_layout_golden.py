@@ -236,3 +236,25 @@ def test_loaded_weight_is_the_expected_grid(scheme, tmp_path):
         want[:, ties] = w[:, ties] + (up - 0.5) * scale
     assert torch.equal(w_hat, want)
     assert torch.equal(loaded.proj.bias, BIAS)
+
+
+def test_file_written_before_zero_point_form_loads_as_the_float_form(tmp_path):
+    """Files from before `QuantSpec.zero_point_form` hold spec dicts without it and float16 zero
+    points: rewrite a -zfloat file's header that way (the tensor checksum does not cover the
+    header) and load it: the layer is the float form, with the golden grid."""
+    header, data, _ = saved_file("w4g32-zfloat", tmp_path)
+    doc = json.loads(header["__metadata__"]["lowbit"])
+    del doc["layers"]["proj"]["spec"]["zero_point_form"]
+    assert doc["layers"]["proj"]["spec"] == {k: v for k, v in SPEC["w4g32-zfloat"].items()
+                                             if k != "zero_point_form"}
+    header["__metadata__"]["lowbit"] = json.dumps(doc)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / WEIGHTS_NAME
+    assert path.is_file()  # the file saved_file wrote: overwrite it
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    assert b"zero_point_form" not in path.read_bytes()
+    loaded = lowbit.load(tmp_path, One())
+    assert loaded.proj.spec.zero_point_form == "float" and loaded.proj.spec.name == "w4g32-zfloat"
+    assert loaded.proj.zero_point.dtype == torch.float16
+    assert loaded.proj.zero_point.flatten().tolist() == W4_ZERO_POINT
