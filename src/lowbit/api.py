@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from typing import Iterable, Sequence
 
 import torch
 
+from . import guardrail
 from .algorithms import NEEDS_DATA, LayerStats
 from .apply import Report, apply
 from .calibrate import collect
@@ -62,6 +64,10 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
               "method": method, "source_sha256": source_sha256(model)}
     stats = calibrate_for(model, the_plan, data, progress)
     report = apply(model, the_plan, stats=stats, progress=progress)
+    report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
+    report.warnings += slow
+    for w in slow:
+        warnings.warn(w, stacklevel=2)
     model.lowbit_source = source
     model.lowbit_report = report
     if verbose:

@@ -14,6 +14,7 @@ from .errors import QuantizationError
 from .nn import quantized_class
 from .primitives import QuantizedWeight
 from .primitives.metrics import sqnr_db
+from .primitives.tokens import static_input_params
 from .recipe import Plan, Rule
 from .textable import text_table
 
@@ -43,6 +44,7 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    speed: list[str] = field(default_factory=list)  # the guardrail's lines (lowbit.guardrail)
 
     @property
     def float_bytes(self) -> int:
@@ -64,6 +66,8 @@ class Report:
         if rows:
             out.append(text_table(("scheme", "method", "layers", "MB before", "MB after"), rows,
                                   (False, False, True, True, True)))
+        if self.speed:
+            out += ["speed on this CPU (path taken; time vs the float layer):"] + self.speed
         out += [f"  shared: {a} is the same module as {n}" for a, n in self.aliases.items()]
         out += [f"  skipped {n}: {why}" for n, why in self.skipped.items()]
         out += [f"  warning: {w}" for w in self.warnings]
@@ -72,15 +76,16 @@ class Report:
 
 def apply(model: torch.nn.Module, plan: Plan, weights: dict[str, QuantizedWeight] | None = None,
           sqnr: dict[str, float | None] | None = None, stats: dict[str, LayerStats] | None = None,
-          progress: bool = False) -> Report:
+          progress: bool = False, input_params: dict[str, dict] | None = None) -> Report:
     """Swap every planned module for its quantized twin, in place.
 
-    ``weights`` (from a file) supplies the quantized weights; without it each float weight is
-    quantized by the rule's method (with the layer's calibration ``stats`` when given) and its SQNR
+    ``weights`` (from a file) supplies the quantized weights, and ``input_params`` the static
+    input grids; without them each float weight is quantized by the rule's method (with the
+    layer's calibration ``stats`` when given, which also give static input grids) and its SQNR
     measured. Every module is built before any is swapped: a failure leaves the model as it was.
     """
     report = Report(skipped=dict(plan.skipped), aliases=dict(plan.aliases))
-    built = [_build(model, name, rule, weights, sqnr, stats, report)
+    built = [_build(model, name, rule, weights, sqnr, stats, report, input_params)
              for name, rule in tqdm(list(plan.layers.items()), desc="quantize", disable=not progress,
                                     unit="layer")]
     _swap_all(model, plan, built, report)
@@ -115,7 +120,8 @@ def apply_blocks(model: torch.nn.Module, plan: Plan, blocks: list[list[str]],
     return report
 
 
-def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, report: Report):
+def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, report: Report,
+           input_params: dict[str, dict] | None = None):
     module = model.get_submodule(name)
     if weights is None:
         w = module.weight.detach()
@@ -127,10 +133,22 @@ def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, 
     else:
         qw, db = weights[name], (sqnr or {}).get(name)
     cls = quantized_class(module, qw.KIND, rule.input_mode)
-    new = cls.from_float(module, qw, rule.method, db, rule.input_spec)
+    extra = {}
+    if rule.input_mode == "static":
+        extra["input_params"] = (input_params or {}).get(name) if weights is not None \
+            else _static_params(name, stats)
+    new = cls.from_float(module, qw, rule.method, db, rule.input_spec, **extra)
     float_bytes = module.weight.numel() * module.weight.element_size()
     report.layers.append(LayerResult(name, rule.scheme.name, rule.method, float_bytes, qw.nbytes, db))
     return name, new
+
+
+def _static_params(name: str, stats: dict[str, LayerStats] | None) -> dict:
+    s = (stats or {}).get(name)
+    if s is None or s.input_range is None:
+        raise QuantizationError(f"{name}: static int8 inputs need a calibrated input range "
+                                "(pass data=... to quantize)")
+    return static_input_params(*s.input_range)
 
 
 def _swap_all(model: torch.nn.Module, plan: Plan, built: list[tuple[str, torch.nn.Module]],

@@ -232,8 +232,12 @@ def unsupported_reason(module: torch.nn.Module, spec: QuantSpec, input_mode: str
     if quantized_class(module, "affine", None) is None:
         return f"unsupported module type {type(module).__name__}; supported: " + \
             ", ".join(c.__name__ for c in float_classes())
-    if quantized_class(module, "affine", input_mode) is None:
-        return f"{input_mode} int8 inputs are not built for {type(module).__name__} yet"
+    cls = quantized_class(module, "affine", input_mode)
+    if cls is None:
+        return f"{input_mode} int8 inputs are not built for {type(module).__name__}"
+    why = getattr(cls, "unsupported", None)
+    if why is not None and why(module, spec):
+        return why(module, spec)
     w = module.weight
     if isinstance(module, torch.nn.Embedding) and (module.max_norm is not None or module.sparse):
         return "embeddings with max_norm or sparse gradients are not supported"

@@ -17,7 +17,11 @@ from ..spec import ActSpec
 def load_into(model: torch.nn.Module, doc: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
     plan, weights, sqnr, quant_keys = plan_from_header(doc, tensors, model, path)
     buffers = {k: tensors.pop(k) for k in doc["nonpersistent"] if k in tensors}
-    apply(model, plan, weights=weights, sqnr=sqnr)
+    params = {n: e.get("input_params") for n, e in doc["layers"].items() if e.get("input_params")}
+    try:
+        apply(model, plan, weights=weights, sqnr=sqnr, input_params=params)
+    except QuantizationError as exc:
+        raise FormatError(f"{path}: {exc}") from None
     for name, entry in doc["layers"].items():
         model.get_submodule(name).compute_dtype = getattr(torch, entry["dtype"])
     _restore_buffers(model, buffers, path)

@@ -56,6 +56,12 @@ def _check_layer(name: str, entry: object, path: str) -> None:
         raise FormatError(f"{path}: layer {name!r}: dtype must be one of {FLOAT_DTYPES}, found {entry['dtype']!r}")
     if entry.get("input") is not None and not isinstance(entry["input"], dict):
         raise FormatError(f"{path}: layer {name!r}: input must be an object or null")
+    params = entry.get("input_params")
+    if params is not None and not (isinstance(params, dict) and all(
+            isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool)
+            for k in ("scale", "zero_point"))):
+        raise FormatError(f"{path}: layer {name!r}: input_params must be null or numbers "
+                          f"'scale' and 'zero_point', found {params!r:.80}")
     db = entry.get("sqnr_db")
     if db is not None and not isinstance(db, (int, float, str)):
         raise FormatError(f"{path}: layer {name!r}: sqnr_db must be a number or null")

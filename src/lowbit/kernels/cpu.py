@@ -1,21 +1,19 @@
 """Fast CPU twins of `primitives` for weight-only Linear layers, and their plain-torch references.
 
-Measured on an Intel Xeon (torch 2.13, AVX-512, no AMX; benchmarks/kernel_paths.py,
-BENCHMARKS.md): the aten int4/int8 weight-packed matmuls are fast only with **bfloat16**
-activations (with float32 activations they are 4-50x slower than fp32), so those paths cast
-activations to bf16 and the output back. They beat fp32 only for few activation rows (0.3-0.5x of
-fp32's time at M <= 8 on 1024x4096 and larger weights); above a crossover that grows with the
-weight (`MAX_ROWS`), dequantizing to fp32 on every call and running the fp32 matmul is the fastest
-quantized path there (1.05-1.2x of fp32 at M >= 512). A bf16 matmul on a dequantized weight was
-1.8x *slower* than fp32 on that Xeon but 0.4-0.55x on an AMD EPYC (Zen 4): `kernels.bf16` has that
-path, and `kernels.select` times the paths on the host instead of trusting `MAX_ROWS`.
+The aten int4/int8 weight-packed matmuls are fast only with **bfloat16** activations (with
+float32 activations 4-50x slower than fp32), so those paths cast activations to bf16 and the
+output back; they win at few rows. Which path serves a layer for M rows is not decided here: it
+depends on the CPU (a bf16 GEMM took 1.8x fp32's time on an Intel Xeon without AMX and 0.4-0.55x on
+an AMD EPYC), so `nn.selection` times the layer's `available_paths` on the host through
+`kernels.select` and caches the choice per CPU, torch build and thread count.
 
-Paths (chosen per call by `choose_path` from the number of activation rows M):
+Paths:
   ``int4mm``  aten._weight_int4pack_mm_for_cpu (4-bit, group 32/64/128/256), bf16 activations
   ``int8mm``  aten._weight_int8pack_mm (8-bit symmetric per channel), bf16 activations
+  ``bf16``    4/8-bit codes dequantized to bf16, bf16 GEMM (`kernels.bf16`)
   ``f32``     4/8-bit codes written straight into an fp32 weight, scaled in place, fp32 matmul
   ``ref``     dequantize with `primitives` (the reference twin), fp32 matmul: 2/3/5/6/7-bit
-Each fast path is parity-tested against ``ref`` (tests/parity).
+Each fast path is parity-tested against its reference (tests/parity).
 """
 from __future__ import annotations
 
@@ -26,13 +24,7 @@ from ..primitives import QuantizedWeight
 from ..primitives.affine import implicit_zero_point
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Up to this many activation rows the packed kernel beats dequantize-then-fp32 here, by weight size
-# (in x out elements); above it the f32 path wins. Crossovers measured with
-# benchmarks/kernel_paths.py (1 and 2 threads agree within ~15%): int4 ~48-60 rows on 384x384 ..
-# 384x1536, ~100 on 1024x4096, ~200 on 4096x4096; int8 ~24-48, ~48, ~150.
-MAX_ROWS = {"int4": ((1 << 20, 48), (8 << 20, 96), (None, 192)),
-            "int8": ((1 << 20, 32), (8 << 20, 48), (None, 160))}
-PATHS = ("int4mm", "int8mm", "f32", "ref")
+PATHS = ("int4mm", "int8mm", "bf16", "f32", "ref")
 
 
 def int4_supported(qw: QuantizedWeight) -> bool:
@@ -54,33 +46,18 @@ def kernel_kind(qw: QuantizedWeight) -> str | None:
     return "int4" if int4_supported(qw) else "int8" if int8_supported(qw) else None
 
 
-def max_rows(kind: str | None, numel: int) -> int:
-    """Most activation rows for which the packed kernel of ``kind`` is used on a weight of
-    ``numel`` elements (0 when there is no kernel)."""
-    if kind is None:
-        return 0
-    return next(rows for limit, rows in MAX_ROWS[kind] if limit is None or numel <= limit)
-
-
-def path_for_rows(kind: str | None, limit: int, rows: int) -> str:
-    """The path for ``rows`` activation rows (cheap: called every forward). Empty inputs take the
-    f32 path: the int8 kernel fails on zero rows."""
-    if kind is None:
-        return "ref"
-    if 0 < rows <= limit:
-        return "int4mm" if kind == "int4" else "int8mm"
-    return "f32"
-
-
-def choose_path(qw: QuantizedWeight, rows: int) -> str:
-    """The path for ``rows`` activation rows (the product of all but the last input dim)."""
-    kind = kernel_kind(qw)
-    return path_for_rows(kind, max_rows(kind, qw.rows * qw.cols), rows)
-
-
 def path_supported(qw: QuantizedWeight, path: str) -> bool:
-    return {"int4mm": int4_supported(qw), "int8mm": int8_supported(qw),
-            "f32": int4_supported(qw) or int8_supported(qw), "ref": True}[path]
+    from .bf16 import bf16_supported
+    packed = int4_supported(qw) or int8_supported(qw)
+    return {"int4mm": int4_supported(qw), "int8mm": int8_supported(qw), "bf16": bf16_supported(qw),
+            "f32": packed, "ref": True}[path]
+
+
+def available_paths(qw: QuantizedWeight) -> tuple[str, ...]:
+    """The weight-only paths a layer can take, in `PATHS` order; ``ref`` only when no faster one
+    exists (it is the twin the others are tested against, not a contender)."""
+    fast = tuple(p for p in PATHS[:-1] if path_supported(qw, p))
+    return fast or ("ref",)
 
 
 def f32_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:

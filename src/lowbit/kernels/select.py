@@ -59,6 +59,7 @@ NEEDS_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"),
                "w8a8-static": ("avx512_vnni", "avx_vnni", "amx_int8")}
 
 Candidate = Callable[[int], object]
+REFERENCE = "fp32"  # the float layer's time, stored beside the candidates', never chosen
 
 
 class KernelChoiceError(ValueError):
@@ -141,9 +142,9 @@ def time_candidates(candidates: dict[str, Candidate], m: int, budget_s: float = 
         for r in range(max_rounds):
             for name in live:
                 samples[name].append(_time_ms(candidates[name], m))
-            if r + 1 == PRUNE_AFTER:
+            if r + 1 == PRUNE_AFTER:  # the reference (float layer) is never pruned: it is the yardstick
                 limit = PRUNE_FACTOR * min(min(v) for v in samples.values())
-                live = [name for name in live if min(samples[name]) <= limit]
+                live = [name for name in live if min(samples[name]) <= limit or name == REFERENCE]
             if r + 1 >= PRUNE_AFTER and time.perf_counter() - start > budget_s:
                 break
     return {name: min(v) for name, v in samples.items()}
@@ -187,8 +188,11 @@ class KernelSelector:
     def path(self) -> Path:
         return (self.cache_dir or default_cache_dir()) / f"kernels-{self.key()}.json"
 
-    def choose(self, shape_key: str, rows: int, candidates: dict[str, Candidate]) -> str:
-        """The path for ``rows`` activation rows of a layer of class ``shape_key``."""
+    def choose(self, shape_key: str, rows: int, candidates: dict[str, Candidate],
+               reference: Candidate | None = None) -> str:
+        """The path for ``rows`` activation rows of a layer of class ``shape_key``. ``reference``
+        (the float layer, never chosen) is timed beside the candidates and kept in the cache as
+        ``ms["fp32"]``, so reports can say whether the choice is faster than float here."""
         if not candidates:
             raise KernelChoiceError(f"{shape_key}: no candidate paths")
         preference = self._pinned or _forced()
@@ -197,14 +201,22 @@ class KernelSelector:
         bucket, m = row_bucket(rows)
         choices = self._choices()
         known = choices.get(shape_key, {}).get(bucket)
-        if known is not None and known.get("path") in candidates:
+        if known is not None and known.get("path") in candidates and \
+                (reference is None or REFERENCE in known.get("ms", {})):
             return known["path"]
         names = order_candidates(list(candidates), self.host())
-        ms = time_candidates({n: candidates[n] for n in names}, m, self.budget_s)
+        timed = {n: candidates[n] for n in names}
+        if reference is not None:
+            timed[REFERENCE] = reference
+        ms = time_candidates(timed, m, self.budget_s)
         best = min(names, key=lambda n: ms[n])  # first of equals: the capability order
         choices.setdefault(shape_key, {})[bucket] = {"path": best, "ms": ms}
         self._save(choices)
         return best
+
+    def timings(self, shape_key: str, rows: int) -> dict | None:
+        """The cached decision for ``shape_key`` at ``rows`` rows (``{"path", "ms"}``), or None."""
+        return self._choices().get(shape_key, {}).get(row_bucket(rows)[0])
 
     def cached_choices(self) -> list[dict]:
         """Rows (shape, bucket, path, ms) of this host's cache, for ``lowbit kernels``."""

@@ -3,7 +3,8 @@ from .base import QuantizedModule
 from .qconv import QConv2d
 from .qembedding import QEmbedding
 from .qlinear import QLinear
+from .qlinear_a8 import QConv2dA8, QLinearA8
 from .registry import class_by_name, float_classes, quantized_class, register
 
-__all__ = ["QConv2d", "QEmbedding", "QLinear", "QuantizedModule", "class_by_name",
+__all__ = ["QConv2d", "QConv2dA8", "QEmbedding", "QLinear", "QLinearA8", "QuantizedModule", "class_by_name",
            "float_classes", "quantized_class", "register"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import QuantSpec
-from .affine import MIN_RELATIVE_SCALE, SMALLEST_SCALE
+from .affine import MIN_RELATIVE_SCALE, SMALLEST_SCALE, params_from_range
 
 ACT_SPEC = QuantSpec(bits=8, symmetric=False, granularity="channel", scale_dtype="float32",
                      zero_point_form="float")
@@ -36,3 +36,17 @@ def token_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torc
     floor = torch.maximum(hi, neg_lo).mul_(MIN_RELATIVE_SCALE).clamp_(min=SMALLEST_SCALE["float32"])
     scale = torch.maximum((hi + neg_lo).div_(ACT_SPEC.qmax), floor)
     return scale, neg_lo.div_(scale)
+
+
+# Static inputs (w8a8-static): one asymmetric 8-bit grid for the whole tensor, from a calibrated
+# range; the zero point is an integer code, so 0.0 (zero padding, ReLU zeros) is exact.
+STATIC_ACT_SPEC = QuantSpec(bits=8, symmetric=False, granularity="tensor", scale_dtype="float32")
+
+
+def static_input_params(lo: "torch.Tensor | float", hi: "torch.Tensor | float") -> dict[str, float]:
+    """``{"scale", "zero_point"}`` (plain floats: they travel in a file header as JSON) for a
+    calibrated input range, by `affine.params_from_range` under `STATIC_ACT_SPEC`."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float32).amin().reshape(1, 1)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32).amax().reshape(1, 1)
+    scale, zero_point = params_from_range(lo_t, hi_t, STATIC_ACT_SPEC)
+    return {"scale": float(scale), "zero_point": float(zero_point)}

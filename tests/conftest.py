@@ -1,0 +1,13 @@
+"""Suite-wide settings: kernel choices are pinned (deterministic, nothing timed) and any kernel
+cache goes to a temporary folder, never the user's cache. Tests of the selector itself pass their
+own `KernelSelector` or unset LOWBIT_KERNEL with monkeypatch."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# first path a layer offers, in this order: every kernel family is exercised, none is timed
+PINNED_PATHS = "w8a8-static,w8a8,int4mm,int8mm,f32,bf16,ref"
+
+os.environ.setdefault("LOWBIT_KERNEL", PINNED_PATHS)
+os.environ.setdefault("LOWBIT_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit-test-cache-"))
