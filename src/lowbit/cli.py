@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize Embedding layers with this scheme (e.g. w8r)")
     q.add_argument("--allow-empty", action="store_true",
                    help="write the model even when nothing matched (otherwise an error)")
+    k = sub.add_parser("kernels", help="this CPU, and the kernel paths measured on it (cached)")
+    k.add_argument("--refresh", action="store_true", help="forget the cached decisions of this host")
+    k.add_argument("--threads", type=int, default=None, help="torch threads (decisions are per count)")
     i = sub.add_parser("inspect", help="per-layer table of a lowbit folder or file")
     i.add_argument("path")
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
@@ -75,6 +78,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from .kernels_report import kernels_table
+    print(kernels_table(refresh=args.refresh, threads=args.threads))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
     kwargs = {"rounds": args.rounds, "threads": args.threads, "json_path": args.json_path}
@@ -86,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo,
+    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "kernels": cmd_kernels,
                "table": lambda a: a.table_func(a)}[args.command]
     try:
         return handler(args)

@@ -46,6 +46,8 @@ def test_needs_by_rule():
     p = lowbit.plan(m, "w4g32", method="gptq")
     assert calibration_needs(p) == {"0": ("hessian",), "2": ("hessian",)}
     assert calibration_needs(lowbit.plan(m, "w4g32")) == {}
+    assert calibration_needs(lowbit.plan(m, "w8a8-static")) == {"0": ("range",), "2": ("range",)}
+    assert calibration_needs(lowbit.plan(m, "w8a8")) == {}
 
 
 def test_observer_override():

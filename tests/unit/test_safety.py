@@ -154,7 +154,7 @@ def test_A3_float_params_named_scale_or_qdata_load(tmp_path):
     (dict(scheme="w8", targets=["linear"]), r"did you mean \['Linear'\]"),
     (dict(scheme="w8", targets=["0.wieght"]), "match no module"),
     (dict(scheme="w8", targets=[]), "targets is empty"),
-    (dict(scheme="w8a8"), "not built"),
+    (dict(scheme="w4g32a8"), "int8 inputs need 8-bit symmetric per-channel weights"),
 ])
 def test_A4_quantizing_nothing_raises_and_leaves_the_model(kwargs, match):
     m = mlp()
