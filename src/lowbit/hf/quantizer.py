@@ -19,6 +19,9 @@ Two routes, both through the hooks of transformers' `HfQuantizer`:
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import re
 import sys
@@ -29,6 +32,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..apply import Report, apply
 from ..errors import FormatError, LowbitError, QuantizationError
+from ..nn import QuantizedModule
 from ..io.format import encode_header
 from ..io.restore import _restore_buffers, _retie
 from ..io.serialize import state_and_header
@@ -120,6 +124,7 @@ class LowbitHfQuantizer(HfQuantizer):
         except LowbitError as exc:
             self.errors.append(str(exc))
             raise
+        _release_freed_memory()
         self.report.layers += done.layers
         self.report.warnings += done.warnings
         if missing_keys is not None:
@@ -145,6 +150,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 buffers.update({k: h.get_tensor(k) for k in self.doc["nonpersistent"] if k in h.keys()})
         _restore_buffers(model, buffers, path)
         finish_loaded(model, path)
+        _release_freed_memory()
         _retie(model, self.doc["tied"], path)
         model.lowbit_source = {k: v for k, v in self.doc["provenance"].items()
                                if k in ("scheme", "method", "source_sha256", "targets", "ignore")}
@@ -154,7 +160,10 @@ class LowbitHfQuantizer(HfQuantizer):
         if missing:
             raise QuantizationError(f"lowbit: the checkpoint held no weight for planned layer(s) "
                                     f"{missing[:5]}")
-        finish_loaded(model, "from_pretrained")
+        on_meta = [n for n, t in model.state_dict().items() if t.is_meta]
+        if on_meta:
+            raise QuantizationError(f"lowbit: {on_meta[:5]} were not in the checkpoint")
+        _own_float_tensors(model)
         config = self.quantization_config
         model.lowbit_source = {"scheme": config.scheme if isinstance(config.scheme, str) else
                                config.recipe().to_json(), "method": config.method,
@@ -173,6 +182,36 @@ class LowbitHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _own_float_tensors(model) -> None:
+    """Copy the float parts (norms, biases, unquantized layers, quantized layers' biases) out of the
+    memory-mapped fp32 checkpoint: a tensor viewing the mapping keeps every page of the fp32 file
+    that quantization read resident. They are small; the Parameter objects (and ties) stay."""
+    for module in model.modules():
+        kept = module.tensor_names if isinstance(module, QuantizedModule) else ()
+        buffers = [t for k, t in module._buffers.items() if k not in kept]
+        for t in list(module._parameters.values()) + buffers:
+            if t is not None and not t.is_meta:
+                t.data = t.data.clone()
+
+
+def _release_freed_memory() -> None:
+    """Hand heap pages freed by the layer just quantized back to the OS (glibc's ``malloc_trim``;
+    a no-op elsewhere). Without it glibc keeps the blocks' float temporaries as heap, and the
+    process's resident memory grows with every layer although nothing is held."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _check_config(config, doc: dict, path: str) -> None:

@@ -143,7 +143,7 @@ def _parse_meta(meta: dict[str, Any], name: str) -> tuple[QuantSpec, tuple[int, 
 # Row blocks of about this many elements bound the float temporaries of quantizing (and of
 # measuring SQNR) to a few MiB whatever the weight's size; results do not depend on it (every
 # granularity but "tensor" is row-local, and per-tensor weights are done whole).
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 15
 
 
 def row_blocks(rows: int, cols: int, spec: QuantSpec) -> list[tuple[int, int]]:
