@@ -20,6 +20,7 @@ from .hfconfig import quantization_config_dict
 from .format import FORMAT_VERSION, WEIGHTS_NAME, dedupe_tied, encode_header, file_sha256, tensors_sha256
 from .reader import read_file, read_header, weights_path
 from .restore import load_into, rebuild_model
+from .skeleton import read_shards, shard_files
 from .schema import check_side_name
 
 
@@ -134,11 +135,13 @@ def _provenance(model: torch.nn.Module) -> dict:
 
 
 def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Load a quantized model. ``model`` is the float architecture (its weights may be on the meta
+    """Load a quantized model (one file, or a folder of shards with transformers' index, as
+    ``save_pretrained(max_shard_size=...)`` writes them). ``model`` is the float architecture (its weights may be on the meta
     device); without it, a transformers model is rebuilt on the meta device from the config in the
     file's header and filled from the file (nothing is allocated before the shapes are checked)."""
     target = weights_path(path)
-    doc, tensors = read_file(target)
+    shards = None if target.is_file() else shard_files(target.parent)
+    doc, tensors = read_shards(shards) if shards else read_file(target)
     if model is None:
         model = rebuild_model(doc, target)
     elif not isinstance(model, torch.nn.Module):

@@ -10,6 +10,7 @@ side files) without holding more than one tensor at a time.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -25,6 +26,7 @@ from ..primitives.packing import packed_cols
 from ..recipe import Plan, Rule
 from .format import decode_header, tensors_sha256
 from .reader import check_side_files
+from .schema import check_side_name
 from .restore import _check_module, _db, _input_spec
 
 
@@ -138,3 +140,35 @@ def verify_files(files: Sequence[str | Path]) -> dict:
         raise FormatError(f"{files[0]}: not a readable safetensors file: {str(exc)[:200]}") from None
     check_side_files(docs[0], files[0])
     return docs[0]
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_files(folder: Path) -> list[Path] | None:
+    """The shard files a folder's ``model.safetensors.index.json`` names (transformers' sharded
+    layout, as save_pretrained writes it), or None when there is no index."""
+    index = Path(folder) / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise FormatError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+    for name in names:
+        check_side_name(str(name), str(index))
+    return [Path(folder) / n for n in names]
+
+
+def read_shards(files: Sequence[Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Header and tensors of a sharded lowbit checkpoint, verified as `verify_files` does."""
+    doc = verify_files(files)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            tensors.update({k: h.get_tensor(k) for k in h.keys()})
+    for alias, key in doc["tied"].items():
+        if key not in tensors:
+            raise FormatError(f"{files[0]}: tied entry {alias!r} points at missing tensor {key!r}")
+        tensors[alias] = tensors[key]
+    return doc, tensors
