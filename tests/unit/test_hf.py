@@ -180,3 +180,9 @@ def test_import_lowbit_registers_nothing_and_unregistered_load_warns(saved_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "after lowbit False" in proc.stdout and "after lowbit.hf True" in proc.stdout
     assert "Unknown quantization type, got lowbit" in proc.stderr
+
+
+def test_device_map_off_the_cpu_is_refused(fp32_dir):
+    with pytest.raises(ValueError, match="lowbit runs on the CPU"):
+        transformers.AutoModel.from_pretrained(fp32_dir, device_map={"": "cuda:0"},
+                                               quantization_config=lowbit.hf.LowbitConfig("w4g32"))

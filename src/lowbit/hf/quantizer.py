@@ -70,9 +70,9 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs) -> None:
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
-        bad = [d for d in devices if d is not None and torch.device(d if not isinstance(d, int) else "cuda").type != "cpu"]
+        bad = sorted(str(d) for d in devices if d is not None and str(d) not in ("cpu", "cpu:0"))
         if bad:
-            raise ValueError(f"lowbit runs on the CPU; device_map places layers on {bad}")
+            raise ValueError(f"lowbit runs on the CPU: device_map must be None or 'cpu', found {bad}")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
@@ -91,7 +91,7 @@ class LowbitHfQuantizer(HfQuantizer):
         self.doc = verify_files(self.files)
         _check_config(model.config, self.doc, self.files[0])
         self.report = build_skeleton(model, self.doc, self.files[0])
-        self.quant_keys = {f"{n}.{t}" for n, e in self.doc["layers"].items()
+        self.quant_keys = {f"{a}.{t}" for n, e in self.doc["layers"].items()
                            for a in [n] + e["aliases"] for t in e["tensors"]}
         ignore = set(model._keys_to_ignore_on_load_unexpected or ())
         model._keys_to_ignore_on_load_unexpected = ignore | {
