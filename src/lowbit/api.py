@@ -62,6 +62,10 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": source_sha256(model)}
+    if isinstance(scheme, str):
+        source.update(targets=[targets] if isinstance(targets, str) else
+                      (None if targets is None else list(targets)),
+                      ignore=[ignore] if isinstance(ignore, str) else list(ignore))
     stats = calibrate_for(model, the_plan, data, progress)
     report = apply(model, the_plan, stats=stats, progress=progress)
     report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))

@@ -13,7 +13,7 @@ from .algorithms import ALGORITHMS, LayerStats
 from .errors import QuantizationError
 from .nn import quantized_class
 from .primitives import QuantizedWeight
-from .primitives.metrics import sqnr_db
+from .primitives.qweight import weight_sqnr_db
 from .primitives.tokens import static_input_params
 from .recipe import Plan, Rule
 from .textable import text_table
@@ -129,7 +129,7 @@ def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, 
             raise QuantizationError(f"{name}: weights are on the meta device; load real weights "
                                     "before quantizing")
         qw = ALGORITHMS[rule.method](w, rule.spec, name, (stats or {}).get(name))
-        db = sqnr_db(w, qw.dequantize())
+        db = weight_sqnr_db(w, qw)  # by row blocks: no full-size float temporaries
     else:
         qw, db = weights[name], (sqnr or {}).get(name)
     cls = quantized_class(module, qw.KIND, rule.input_mode)

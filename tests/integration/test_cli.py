@@ -72,7 +72,7 @@ def test_quantize_output_loads_and_matches_in_memory(w4g128_dir, minilm, quantiz
     loaded = lowbit.load(w4g128_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(w4g128_dir))
     assert torch.equal(embed(loaded, tok), embed(quantized("w4g128")))
-    assert loaded.lowbit_source == {"scheme": "w4g128", "method": "rtn",
+    assert loaded.lowbit_source == {"scheme": "w4g128", "method": "rtn", "targets": None, "ignore": [],
                                     "source_sha256": source_sha256(minilm.model)}
 
 

@@ -16,9 +16,11 @@ from ..errors import FormatError, LowbitError
 from ..nn import QuantizedModule
 from ..primitives.packing import PACKING_VERSION
 from .atomic import replace_folder, write_file
+from .hfconfig import quantization_config_dict
 from .format import FORMAT_VERSION, WEIGHTS_NAME, dedupe_tied, encode_header, file_sha256, tensors_sha256
 from .reader import read_file, read_header, weights_path
 from .restore import load_into, rebuild_model
+from .skeleton import read_shards, shard_files
 from .schema import check_side_name
 
 
@@ -44,6 +46,19 @@ def layer_table(model: torch.nn.Module) -> dict[str, dict]:
     return table
 
 
+def state_and_header(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors a lowbit file stores (tied ones once) and its header document (``files`` still
+    empty: a folder save fills it in). `save` writes these; so does transformers' save_pretrained
+    through `lowbit.hf`."""
+    extra = nonpersistent_buffers(model)
+    tensors, tied = dedupe_tied({**model.state_dict(), **extra})
+    doc = {"format_version": FORMAT_VERSION, "packing_version": PACKING_VERSION,
+           "layers": layer_table(model), "tied": tied, "nonpersistent": sorted(extra),
+           "tensors_sha256": tensors_sha256(tensors), "files": {},
+           "provenance": _provenance(model), "model": _model_info(model)}
+    return tensors, doc
+
+
 def save(model: torch.nn.Module, path: str | os.PathLike,
          side_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Write ``model`` and return the weights file's path.
@@ -57,12 +72,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike,
         raise LowbitError(f"model must be a torch.nn.Module, found {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise LowbitError(f"path must be a str or os.PathLike, found {type(path).__name__}")
-    extra = nonpersistent_buffers(model)
-    tensors, tied = dedupe_tied({**model.state_dict(), **extra})
-    doc = {"format_version": FORMAT_VERSION, "packing_version": PACKING_VERSION,
-           "layers": layer_table(model), "tied": tied, "nonpersistent": sorted(extra),
-           "tensors_sha256": tensors_sha256(tensors), "files": {},
-           "provenance": _provenance(model), "model": _model_info(model)}
+    tensors, doc = state_and_header(model)
     p = Path(path)
     if p.suffix == ".safetensors":
         if side_files:
@@ -81,8 +91,12 @@ def save(model: torch.nn.Module, path: str | os.PathLike,
 
 def _write_side_files(model: torch.nn.Module, tmp: Path, side_files: Mapping) -> None:
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_file"):
-        config.to_json_file(str(tmp / "config.json"), use_diff=False)
+    if config is not None and hasattr(config, "to_json_string"):
+        # config.json names lowbit as its quantization method, so transformers' from_pretrained
+        # (after `import lowbit.hf`) reads this folder too
+        d = json.loads(config.to_json_string(use_diff=False))
+        d["quantization_config"] = quantization_config_dict(getattr(model, "lowbit_source", None))
+        (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     for name, src in side_files.items():
         check_side_name(str(name), str(tmp))
         if str(name) == "config.json" and (tmp / "config.json").exists():
@@ -121,18 +135,20 @@ def _provenance(model: torch.nn.Module) -> dict:
 
 
 def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Load a quantized model. ``model`` is the float architecture (its weights may be on the meta
+    """Load a quantized model (one file, or a folder of shards with transformers' index, as
+    ``save_pretrained(max_shard_size=...)`` writes them). ``model`` is the float architecture (its weights may be on the meta
     device); without it, a transformers model is rebuilt on the meta device from the config in the
     file's header and filled from the file (nothing is allocated before the shapes are checked)."""
     target = weights_path(path)
-    doc, tensors = read_file(target)
+    shards = None if target.is_file() else shard_files(target.parent)
+    doc, tensors = read_shards(shards) if shards else read_file(target)
     if model is None:
         model = rebuild_model(doc, target)
     elif not isinstance(model, torch.nn.Module):
         raise LowbitError(f"model must be a torch.nn.Module skeleton, found {type(model).__name__}")
     load_into(model, doc, tensors, str(target))
     model.lowbit_source = {k: v for k, v in doc["provenance"].items()
-                           if k in ("scheme", "method", "source_sha256")}
+                           if k in ("scheme", "method", "source_sha256", "targets", "ignore")}
     model.eval()
     return model
 

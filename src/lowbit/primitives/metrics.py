@@ -9,8 +9,11 @@ import torch
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """10 log10(|ref|^2 / |ref - approx|^2); +inf when the two are equal."""
     ref, approx = ref.detach().double(), approx.detach().double()
-    noise = (ref - approx).square().sum().item()
-    signal = ref.square().sum().item()
+    return db_from_sums(ref.square().sum().item(), (ref - approx).square().sum().item())
+
+
+def db_from_sums(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) from the two sums of squares; +inf when noise is 0."""
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

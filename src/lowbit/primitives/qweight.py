@@ -12,6 +12,7 @@ from ..spec import QuantSpec
 from .affine import (as_2d, as_groups, code_range, dequantize_codes, params_from_range,
                      quantize_codes, scale_dtype, zero_point_dtype)
 from .packing import pack, packed_cols, unpack
+from .metrics import db_from_sums
 from .ranges import choose_range
 
 
@@ -144,38 +145,86 @@ def _parse_meta(meta: dict[str, Any], name: str) -> tuple[QuantSpec, tuple[int, 
     return spec, shape
 
 
+# Row blocks of about this many elements bound the float temporaries of quantizing (and of
+# measuring SQNR) to a few MiB whatever the weight's size; results do not depend on it (every
+# granularity but "tensor" is row-local, and per-tensor weights are done whole).
+BLOCK_ELEMENTS = 1 << 15
+
+
+def row_blocks(rows: int, cols: int, spec: QuantSpec) -> list[tuple[int, int]]:
+    """[(r0, r1), ...] covering ``rows``: one block for per-tensor specs."""
+    if spec.granularity == "tensor":
+        return [(0, rows)]
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> QuantizedWeight:
-    """Quantize a float tensor (any shape; handled as (shape[0], rest)) under ``spec``."""
+    """Quantize a float tensor (any shape; handled as (shape[0], rest)) under ``spec``, block of
+    rows by block (`row_blocks`), into preallocated outputs."""
     if not torch.is_floating_point(w):
         raise QuantizationError(f"{name}: expected a floating-point tensor, found {w.dtype}")
-    w = w.detach()
-    bad = (~torch.isfinite(w)).sum().item()
+    x2d = as_2d(w.detach())
+    rows, cols = x2d.shape
+    as_groups(x2d, spec, name)  # group divisibility, before any work
+    blocks = row_blocks(rows, cols, spec)
+    bad = sum(int((~torch.isfinite(x2d[r0:r1])).sum()) for r0, r1 in blocks)
     if bad:
         raise QuantizationError(f"{name}: weight has {bad} NaN/Inf values; refusing to quantize")
-    x2d = as_2d(w.float())
+    n_params = (1, 1) if spec.granularity == "tensor" else (
+        rows, cols // spec.group_size if spec.granularity == "group" else 1)
+    qdata = torch.empty(rows, packed_cols(cols, spec.bits), dtype=torch.uint8)
+    scale = torch.empty(n_params, dtype=scale_dtype(spec))
+    zero_point = None if spec.symmetric else torch.empty(n_params, dtype=zero_point_dtype(spec))
+    lost = [0, 0, 0.0]  # groups lost to underflow, groups, their largest |value|
+    for r0, r1 in blocks:
+        s, z, packed = _quantize_block(x2d[r0:r1], spec, name, lost)
+        qdata[r0:r1] = packed
+        p0, p1 = (0, 1) if spec.granularity == "tensor" else (r0, r1)
+        scale[p0:p1] = s
+        if zero_point is not None:
+            zero_point[p0:p1] = z
+    if lost[0]:
+        warnings.warn(f"{name}: {lost[0]} of {lost[1]} groups (values up to {lost[2]:.3g}) underflow "
+                      f"{spec.scale_dtype} scales and dequantize to zero; use scale_dtype='float32' "
+                      "(suffix -sfloat32)", stacklevel=2)
+    return QuantizedWeight(qdata, scale, zero_point, spec, tuple(w.shape))
+
+
+def _quantize_block(x2d: torch.Tensor, spec: QuantSpec, name: str, lost: list):
+    """(scale, zero_point, packed codes) of a block of rows; ``lost`` accumulates underflow."""
+    x2d = x2d.float()
     xg = as_groups(x2d, spec, name)  # (R, G, S)
     lo, hi = choose_range(xg, spec)
     scale, zero_point = params_from_range(lo, hi, spec)
     if not torch.isfinite(scale).all() or (zero_point is not None and not torch.isfinite(zero_point).all()):
         raise QuantizationError(f"{name}: values up to {x2d.abs().max().item():.3g} overflow "
                                 f"{spec.scale_dtype} scales; use scale_dtype='float32' (suffix -sfloat32)")
-    _warn_underflow(xg, scale, spec, name)
+    amax = xg.abs().amax(dim=-1)  # (R, G)
+    gone = (amax > 0) & (amax < 0.5 * scale.float())
+    lost[0] += int(gone.sum())
+    lost[1] += gone.numel()
+    if bool(gone.any()):
+        lost[2] = max(lost[2], float(amax[gone].max()))
     codes = quantize_codes(xg, scale, zero_point, spec).reshape(x2d.shape)
-    return QuantizedWeight(pack(codes, spec.bits), scale, zero_point, spec, tuple(w.shape))
+    return scale, zero_point, pack(codes, spec.bits)
+
+
+def weight_sqnr_db(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    """`metrics.sqnr_db` of ``w`` vs ``qw.dequantize()``, summed block of rows by block."""
+    x2d = as_2d(w.detach())
+    signal = noise = 0.0
+    for r0, r1 in row_blocks(qw.rows, qw.cols, qw.spec):
+        p0, p1 = (0, 1) if qw.spec.granularity == "tensor" else (r0, r1)
+        zp = None if qw.zero_point is None else qw.zero_point[p0:p1]
+        codes = as_groups(unpack(qw.qdata[r0:r1], qw.spec.bits, qw.cols), qw.spec)
+        approx = dequantize_codes(codes, qw.scale[p0:p1], zp, qw.spec).reshape(r1 - r0, -1)
+        ref = x2d[r0:r1].double()
+        noise += (ref - approx.double()).square().sum().item()
+        signal += ref.square().sum().item()
+    return db_from_sums(signal, noise)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> torch.Tensor:
     """Quantize and dequantize in one go; same dtype and shape as ``w``."""
     return quantize_weight(w, spec, name).dequantize(w.dtype)
-
-
-def _warn_underflow(xg: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, name: str) -> None:
-    """Groups with nonzero values all below half a step of the smallest storable scale come back
-    as zeros: say so (they need float32 scales)."""
-    amax = xg.abs().amax(dim=-1)  # (R, G)
-    lost = (amax > 0) & (amax < 0.5 * scale.float())
-    if bool(lost.any()):
-        warnings.warn(f"{name}: {int(lost.sum())} of {lost.numel()} groups (values up to "
-                      f"{float(amax[lost].max()):.3g}) underflow {spec.scale_dtype} scales and "
-                      "dequantize to zero; use scale_dtype='float32' (suffix -sfloat32)",
-                      stacklevel=3)
