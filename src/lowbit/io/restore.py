@@ -30,6 +30,17 @@ def load_into(model: torch.nn.Module, doc: dict, tensors: dict[str, torch.Tensor
 
 
 def plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: str):
+    """(plan, weights from the file's tensors, sqnr, the state-dict keys those tensors fill)."""
+    def from_file(entry: dict, meta: dict, names: tuple[str, ...], name: str):
+        kind = WEIGHT_KINDS[entry["kind"]]
+        return kind.from_tensors({t: tensors.get(f"{name}.{t}") for t in names}, meta, name)
+    return plan_with_weights(doc, model, path, from_file)
+
+
+def plan_with_weights(doc: dict, model: torch.nn.Module, path: str, make_weight):
+    """Every header layer checked against ``model`` (class, kind, input spec, tensor list, shape),
+    its weight made by ``make_weight(entry, meta, tensor_names, name)``: (plan, weights, sqnr,
+    quantized state-dict keys). The one place a header's layers meet a model."""
     layers, weights, sqnr, aliases, quant_keys = {}, {}, {}, {}, set()
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, entry in doc["layers"].items():
@@ -37,14 +48,13 @@ def plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.n
         input_spec = _input_spec(entry, name, path)
         mode = None if input_spec is None else ("static" if input_spec.static else "dynamic")
         _check_module(module, entry, name, mode, path)
-        kind = WEIGHT_KINDS[entry["kind"]]
         try:
             meta = {k: entry[k] for k in ("spec", "shape")}
-            names = kind.tensor_names_for(meta)
+            names = WEIGHT_KINDS[entry["kind"]].tensor_names_for(meta, name)
             if list(names) != entry["tensors"]:
                 raise QuantizationError(f"{name}: the header lists tensors {entry['tensors']}, a "
                                         f"{entry['kind']} weight of this spec has {list(names)}")
-            qw = kind.from_tensors({t: tensors.get(f"{name}.{t}") for t in names}, meta, name)
+            qw = make_weight(entry, meta, names, name)
         except LowbitError as exc:
             raise FormatError(f"{path}: {exc}") from None
         if tuple(module.weight.shape) != tuple(qw.shape):

@@ -18,16 +18,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..apply import Report, apply
-from ..errors import FormatError, LowbitError, QuantizationError
+from ..errors import FormatError, QuantizationError
 from ..nn import QuantizedModule
-from ..primitives import WEIGHT_KINDS, QuantizedWeight
+from ..primitives import QuantizedWeight
 from ..primitives.affine import scale_dtype, zero_point_dtype
 from ..primitives.packing import packed_cols
-from ..recipe import Plan, Rule
+from ..recipe import Plan
 from .format import decode_header, tensors_sha256
 from .reader import check_side_files
 from .schema import check_side_name
-from .restore import _check_module, _db, _input_spec
+from .restore import plan_with_weights
 
 
 def meta_weight(kind: str, meta: dict, name: str) -> QuantizedWeight:
@@ -55,28 +55,9 @@ def _spec_shape(meta: dict, name: str):
 
 def skeleton_plan(doc: dict, model: torch.nn.Module, path: str) -> tuple[Plan, dict, dict]:
     """(plan, meta weights, sqnr) for the layers ``doc`` lists, checked against ``model``."""
-    layers, weights, sqnr, aliases = {}, {}, {}, {}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for name, entry in doc["layers"].items():
-        module = modules.get(name)
-        input_spec = _input_spec(entry, name, path)
-        mode = None if input_spec is None else ("static" if input_spec.static else "dynamic")
-        _check_module(module, entry, name, mode, path)
-        try:
-            meta = {k: entry[k] for k in ("spec", "shape")}
-            if list(WEIGHT_KINDS[entry["kind"]].tensor_names_for(meta, name)) != entry["tensors"]:
-                raise QuantizationError(f"{name}: the header's tensor list {entry['tensors']} does "
-                                        "not fit its spec")
-            qw = meta_weight(entry["kind"], meta, name)
-        except LowbitError as exc:
-            raise FormatError(f"{path}: {exc}") from None
-        if tuple(module.weight.shape) != tuple(qw.shape):
-            raise FormatError(f"{path}: layer {name!r}: the file holds a weight of shape "
-                              f"{tuple(qw.shape)}, the model expects {tuple(module.weight.shape)}")
-        layers[name] = Rule((name,), qw.spec, method=entry["method"], input_spec=input_spec)
-        weights[name], sqnr[name] = qw, _db(entry.get("sqnr_db"))
-        aliases.update({a: name for a in entry["aliases"]})
-    return Plan(layers, {}, aliases), weights, sqnr
+    the_plan, weights, sqnr, _ = plan_with_weights(
+        doc, model, path, lambda entry, meta, names, name: meta_weight(entry["kind"], meta, name))
+    return the_plan, weights, sqnr
 
 
 def build_skeleton(model: torch.nn.Module, doc: dict, path: str) -> Report:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ..primitives.packing import PACKING_VERSION
-from .format import (FORMAT_VERSION, MANIFEST_NAME, Layout, TableError, encode_header, shard_bytes,
+from ..io.atomic import fsync_path
+from .format import (FORMAT_VERSION, MANIFEST_NAME, Layout, TableError, encode_header,
                      shard_name, write_json_atomic)
 from .quant import RANGE_METHODS, encode_rows, error_summary, merge_errors, row_errors
 from .sources import Source, open_source, read_rows, read_text_rows, rows_sha256
@@ -142,7 +143,7 @@ def build(src, out, *, bits: int = 4, range_method: str = "minmax", scale_dtype:
         results = run_tasks(tasks, engine, workers, progress)
         doc = _manifest(source, layout, range_method, tasks, results)
         write_json_atomic(tmp / MANIFEST_NAME, doc)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, out, overwrite)
     finally:
         if tmp.exists():
@@ -224,14 +225,6 @@ def _execute_dask(tasks: list[ShardTask], address: str):
             yield index[fut.key], fut.result()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
     old = None
     if out.exists():
@@ -240,6 +233,6 @@ def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old)

@@ -39,8 +39,9 @@ _NUMPY = {"float16": np.float16, "float32": np.float32}
 def _range_spec(layout: Layout, range_method: str) -> QuantSpec:
     if range_method not in RANGE_METHODS:
         raise TableError(f"range_method must be one of {RANGE_METHODS}, found {range_method!r}")
+    # the table's grid is scale-and-bias (the row minimum maps exactly): the float zero point form
     return QuantSpec(bits=layout.bits, symmetric=False, granularity="row",
-                     scale_dtype=layout.scale_dtype, range_method=range_method)
+                     scale_dtype=layout.scale_dtype, range_method=range_method, zero_point_form="float")
 
 
 def row_params(x: torch.Tensor, layout: Layout, range_method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,7 @@ def encode_rows(x: torch.Tensor, layout: Layout, range_method: str = "minmax",
     params = torch.cat([scale, bias], 1)  # (n, 2)
     _check_finite(params.float().sum(dim=1), first_key,
                   f"overflows {layout.scale_dtype} scale/bias; use scale_dtype float32")
-    unit = QuantSpec(bits=layout.bits, symmetric=False, granularity="row")
+    unit = QuantSpec(bits=layout.bits, symmetric=False, granularity="row", zero_point_form="float")
     s32, b32 = scale.float(), bias.float()
     shifted = (x - b32).unsqueeze(1)  # (n, 1, dim)
     codes = quantize_codes(shifted, s32, torch.zeros_like(s32), unit).reshape(x.shape)  # (n, dim)
