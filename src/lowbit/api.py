@@ -14,6 +14,8 @@ from .errors import RecipeError
 from .io.format import tensors_sha256
 from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
+from .smooth import materialize
+from .smooth import smooth as smooth_model
 from .spec import QuantSpec, Scheme
 
 DEFAULT_TARGETS = ("Linear",)
@@ -42,13 +44,18 @@ def source_sha256(model: torch.nn.Module) -> str:
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
              data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
-             verbose: bool = True, progress: bool = False) -> torch.nn.Module:
+             verbose: bool = True, progress: bool = False,
+             smooth: float | None = None) -> torch.nn.Module:
     """Quantize ``model`` in place and return it; prints what was quantized and skipped.
 
     ``data`` (an iterable of model inputs: tensors, tuples or dicts of tensors, or
     `lowbit.calibration.text_batches(...)`) is needed by methods that use calibration statistics
     (``method="gptq"``) and by static input quantization (``w8a8-static``); ``observer`` overrides
     the static input ranges' observer (minmax, ema, percentile, mse, histogram).
+    ``smooth=alpha`` (in [0, 1], 0.5 in the paper) runs SmoothQuant (`lowbit.smooth.smooth`) on the
+    planned layers before quantizing; it reads ``data`` more than once, so an iterator is read into
+    a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
+    smoothed (the same float function).
 
     Raises `RecipeError` when a target matches no module, nothing would be quantized (unless
     ``allow_empty``) or calibration data is missing, and `QuantizationError` naming the layer when
@@ -60,12 +67,17 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": source_sha256(model)}
+    if smooth is not None:
+        data = materialize(data)
+        model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
     stats = calibrate_for(model, the_plan, data, progress)
     report = apply(model, the_plan, stats=stats, progress=progress)
     model.lowbit_source = source
     model.lowbit_report = report
     if verbose:
         print(report, file=sys.stderr)
+    if verbose and smooth is not None:
+        print(model.lowbit_smooth, file=sys.stderr)
     return model
 
 
