@@ -166,3 +166,24 @@ def test_quantize_smooth_reads_a_generator_once_and_smooths_first():
     assert type(q.model.layers[0].self_attn.q_proj).__name__ != "Linear"
     with pytest.raises(SmoothError, match="needs calibration data"):
         lowbit.quantize(tiny_llama(), "w8", smooth=0.5, verbose=False)
+
+
+class Boom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.lin = torch.nn.LayerNorm(4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.lin(self.norm(x))
+        raise RuntimeError("model failed mid-forward")
+
+
+def test_find_pairs_leaves_no_hooks_when_the_model_raises_and_names_non_linears():
+    model = Boom()
+    with pytest.raises(RuntimeError, match="mid-forward"):
+        find_pairs(model, torch.ones(2, 4))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 3), torch.nn.ReLU())
+    found = find_pairs(model, torch.randn(2, 4), names=["1", "2"])
+    assert [(p.producer, p.consumers) for p in found.pairs] == [("0", ("1",))]
+    assert found.unpaired == {"2": "not a torch.nn.Linear (only Linears are smoothed)"}

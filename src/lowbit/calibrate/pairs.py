@@ -70,7 +70,8 @@ def find_pairs(model: torch.nn.Module, batch: Any, names: Sequence[str] | None =
     outputs = {id(t) for t in _tensors(out)}
     by_id = {id(ts[0]): p for p, ts in marked.items() if len(ts) == 1}
     groups: dict[str, list[str]] = {}
-    search = PairSearch()
+    search = PairSearch(unpaired={n: "not a torch.nn.Linear (only Linears are smoothed)"
+                                  for n in names or () if n not in linears})
     for c in linears:
         got = received.get(c, [])
         p = by_id.get(id(got[0])) if len(got) == 1 else None
