@@ -63,7 +63,7 @@ def find_pairs(model: torch.nn.Module, batch: Any, names: Sequence[str] | None =
     """Pairs whose consumers include a Linear in ``names`` (default: every Linear); every consumer
     of a paired producer is listed, named or not. Named Linears left out get a reason."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    wanted = list(linears) if names is None else [n for n in names if n in linears]
+    wanted = set(linears) if names is None else {n for n in names if n in linears}
     producers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_norm(m)}
     marked, received, roots, out = _trace(model, batch, producers, linears)
     readers = _reader_counts(roots + _tensors(out))
