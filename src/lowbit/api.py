@@ -16,6 +16,8 @@ from .errors import RecipeError
 from .io.format import tensors_sha256
 from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
+from .smooth import materialize
+from .smooth import smooth as smooth_model
 from .spec import QuantSpec, Scheme
 
 DEFAULT_TARGETS = ("Linear",)
@@ -44,13 +46,18 @@ def source_sha256(model: torch.nn.Module) -> str:
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
              data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
-             verbose: bool = True, progress: bool = False) -> torch.nn.Module:
+             verbose: bool = True, progress: bool = False,
+             smooth: float | None = None) -> torch.nn.Module:
     """Quantize ``model`` in place and return it; prints what was quantized and skipped.
 
     ``data`` (an iterable of model inputs: tensors, tuples or dicts of tensors, or
     `lowbit.calibration.text_batches(...)`) is needed by methods that use calibration statistics
     (``method="gptq"``) and by static input quantization (``w8a8-static``); ``observer`` overrides
     the static input ranges' observer (minmax, ema, percentile, mse, histogram).
+    ``smooth=alpha`` (in [0, 1], 0.5 in the paper) runs SmoothQuant (`lowbit.smooth.smooth`) on the
+    planned layers before quantizing; it reads ``data`` more than once, so an iterator is read into
+    a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
+    smoothed (the same float function).
 
     Raises `RecipeError` when a target matches no module, nothing would be quantized (unless
     ``allow_empty``) or calibration data is missing, and `QuantizationError` naming the layer when
@@ -66,6 +73,10 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
         source.update(targets=[targets] if isinstance(targets, str) else
                       (None if targets is None else list(targets)),
                       ignore=[ignore] if isinstance(ignore, str) else list(ignore))
+    if smooth is not None:
+        data = materialize(data)
+        model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
+        source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
     stats = calibrate_for(model, the_plan, data, progress)
     report = apply(model, the_plan, stats=stats, progress=progress)
     report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
@@ -76,6 +87,8 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     model.lowbit_report = report
     if verbose:
         print(report, file=sys.stderr)
+    if verbose and smooth is not None:
+        print(model.lowbit_smooth, file=sys.stderr)
     return model
 
 

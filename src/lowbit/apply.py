@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS, LayerStats
+from .algorithms.smooth import fold_consumer, fold_producer
 from .errors import QuantizationError
 from .nn import quantized_class
 from .primitives import QuantizedWeight
@@ -176,3 +177,53 @@ def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+@dataclass(frozen=True)
+class ChannelScale:
+    """Divide ``producer``'s output channels by ``factors`` (C,) and multiply the input columns of
+    each Linear in ``consumers`` by them (SmoothQuant's fold, `algorithms.smooth`)."""
+    producer: str
+    consumers: tuple[str, ...]
+    factors: torch.Tensor
+
+
+def scale_channels(model: torch.nn.Module, scales: Sequence[ChannelScale],
+                   check: Callable[[], None] | None = None) -> None:
+    """Fold every ``scales`` entry into the model's parameters, in place (the same Parameter
+    objects, new values). All new values are computed before any is written (a bad entry leaves the
+    model as it was); ``check()`` runs after writing, and if it raises, the old values come back."""
+    staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, new value)
+
+    def now(p: torch.Tensor) -> torch.Tensor:
+        return staged.get(id(p), (p, p))[1]
+
+    for sc in scales:
+        prod = model.get_submodule(sc.producer)
+        w, b = getattr(prod, "weight", None), getattr(prod, "bias", None)
+        if not isinstance(w, torch.Tensor) or w.dim() not in (1, 2):
+            raise QuantizationError(f"{sc.producer}: a smoothing producer needs a per-channel weight "
+                                    f"(a norm's (C,) or a Linear's (C, K)), found {type(prod).__name__}")
+        new_w, new_b = fold_producer(now(w), None if b is None else now(b), sc.factors, sc.producer)
+        staged[id(w)] = (w, new_w)
+        if b is not None:
+            staged[id(b)] = (b, new_b)
+        for name in sc.consumers:
+            cons = model.get_submodule(name)
+            if not isinstance(cons, torch.nn.Linear):
+                raise QuantizationError(f"{name}: a smoothing consumer must be a torch.nn.Linear, "
+                                        f"found {type(cons).__name__}")
+            staged[id(cons.weight)] = (cons.weight, fold_consumer(now(cons.weight), sc.factors, name))
+    old = [(p, p.detach().clone()) for p, _ in staged.values()]
+    with torch.no_grad():
+        for p, new in staged.values():
+            p.copy_(new)
+    if check is None:
+        return
+    try:
+        check()
+    except BaseException:
+        with torch.no_grad():
+            for p, value in old:
+                p.copy_(value)
+        raise

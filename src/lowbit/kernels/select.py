@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from ..errors import LowbitError
 
 CACHE_VERSION = 1
 CACHE_ENV = "LOWBIT_CACHE_DIR"
@@ -62,7 +63,7 @@ Candidate = Callable[[int], object]
 REFERENCE = "fp32"  # the float layer's time, stored beside the candidates', never chosen
 
 
-class KernelChoiceError(ValueError):
+class KernelChoiceError(LowbitError):
     """A forced or pinned path that a layer does not offer."""
 
 

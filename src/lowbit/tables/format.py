@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..primitives.packing import PACKING_VERSION, packed_cols
+from ..errors import LowbitError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -55,7 +56,7 @@ SCALE_DTYPES = ("float16", "float32")
 KEY_DTYPES = ("int64", "uint64")
 
 
-class TableError(ValueError):
+class TableError(LowbitError):
     """A table, source or store that cannot be used as asked; the message names the problem."""
 
 

@@ -1,0 +1,137 @@
+"""`smooth`: SmoothQuant on a transformer model, in place, before int8 activation quantization
+(Xiao et al., "SmoothQuant", ICML 2023, arXiv 2211.10438; the factors and folds are
+`lowbit.algorithms.smooth`).
+
+Steps: find producer -> consumers pairs on the first batch (`calibrate.pairs.find_pairs`), collect
+each pair's per-input-channel range over every batch (`calibrate.collect`, a per-channel min-max
+observer), compute ``s`` per pair, and fold it with `apply.scale_channels`. The float model's
+function is checked on the first batch after folding: if any output moved by more than
+`FOLD_RTOL` (relative to the output's largest magnitude), every fold is undone and `SmoothError`
+names the worst output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .algorithms.smooth import SmoothError, check_alpha, consumer_absmax, smoothing_factors
+from .apply import ChannelScale, scale_channels
+from .calibrate import ObserverConfig, call_model, collect
+from .calibrate.collect import _eval_mode
+from .calibrate.pairs import Pair, _tensors, find_pairs
+from .textable import text_table
+
+# Largest change of any model output after folding, relative to that output's max |value|:
+# float32 folds round each weight once (~6e-8 relative), which grows through a few layers.
+FOLD_RTOL = 1e-4
+
+
+@dataclass
+class SmoothedPair:
+    producer: str
+    consumers: tuple[str, ...]
+    how: str  # "traced" (tensor identity) or "fallback" (attention value -> output)
+    factor_min: float
+    factor_max: float
+
+
+@dataclass
+class SmoothReport:
+    """What `smooth` did: the pairs folded (with the range of their factors), the named layers left
+    unsmoothed (with reasons), alpha, and the largest relative output change measured."""
+    alpha: float
+    pairs: list[SmoothedPair] = field(default_factory=list)
+    unsmoothed: dict[str, str] = field(default_factory=dict)
+    max_rel_change: float = 0.0
+
+    @property
+    def smoothed_layers(self) -> list[str]:
+        return [c for p in self.pairs for c in p.consumers]
+
+    def __str__(self) -> str:
+        out = [f"lowbit smooth (alpha={self.alpha}): {len(self.pairs)} producer(s) folded into "
+               f"{len(self.smoothed_layers)} layer(s), {len(self.unsmoothed)} named layer(s) left "
+               f"unsmoothed; largest output change {self.max_rel_change:.1e} (relative)"]
+        rows = [(p.producer, ", ".join(c.rsplit(".", 1)[-1] for c in p.consumers), p.how,
+                 f"{p.factor_min:.3g}", f"{p.factor_max:.3g}") for p in self.pairs]
+        if rows:
+            out.append(text_table(("producer", "consumers", "found by", "s min", "s max"), rows,
+                                  (False, False, False, True, True)))
+        out += [f"  unsmoothed {n}: {why}" for n, why in self.unsmoothed.items()]
+        return "\n".join(out)
+
+
+def materialize(data: Iterable) -> Sequence:
+    """``data`` as a re-iterable sequence: lists and tuples as they are, any other iterable (a
+    generator, an iterator) read once into a list."""
+    if data is None:
+        raise SmoothError("smoothing needs calibration data: pass data=... (an iterable of batches)")
+    if isinstance(data, (list, tuple)):
+        return data
+    if isinstance(data, (torch.Tensor, str, bytes, dict)) or not isinstance(data, Iterable):
+        raise SmoothError(f"data must be an iterable of batches, found a {type(data).__name__}")
+    return list(data)
+
+
+def smooth(model: torch.nn.Module, data: Iterable, alpha: float = 0.5,
+           names: Sequence[str] | None = None) -> SmoothReport:
+    """Smooth ``model`` in place for int8 activations and return what was done.
+
+    ``data``: calibration batches (tensors, tuples or dicts of tensors); it is read more than once,
+    so an iterator is first read into a list. ``names``: the Linears to smooth (default: all); each
+    pair's other consumers are scaled too, so the float function stays the same. Layers whose
+    producer cannot be found or folded exactly (e.g. a post-LN LayerNorm that also feeds the
+    residual) are left unsmoothed and named in the report.
+    """
+    alpha = check_alpha(alpha)
+    batches = materialize(data)
+    if not batches:
+        raise SmoothError("smooth needs at least one calibration batch; data is empty")
+    search = find_pairs(model, batches[0], names)
+    report = SmoothReport(alpha, unsmoothed=dict(search.unpaired))
+    if not search.pairs:
+        return report
+    scales = _factors(model, batches, search.pairs, alpha)
+    before = _outputs(model, batches[0])
+
+    def check() -> None:
+        report.max_rel_change = _max_rel_change(before, _outputs(model, batches[0]))
+
+    scale_channels(model, scales, check)
+    report.pairs = [SmoothedPair(p.producer, p.consumers, p.how, float(sc.factors.min()),
+                                 float(sc.factors.max())) for p, sc in zip(search.pairs, scales)]
+    return report
+
+
+def _factors(model: torch.nn.Module, batches: Sequence, pairs: list[Pair],
+             alpha: float) -> list[ChannelScale]:
+    observer = ObserverConfig(name="minmax", per_channel=True)
+    stats = collect(model, batches, [p.consumers[0] for p in pairs], stats=("range",),
+                    observer=observer, progress=False)
+    scales = []
+    for p in pairs:
+        lo, hi = stats[p.consumers[0]].input_range  # (C,), (C,)
+        act = torch.maximum(lo.abs(), hi.abs())
+        weights = [model.get_submodule(c).weight for c in p.consumers]
+        s = smoothing_factors(act, consumer_absmax(weights, p.producer), alpha, p.producer)
+        scales.append(ChannelScale(p.producer, p.consumers, s))
+    return scales
+
+
+def _outputs(model: torch.nn.Module, batch: Any) -> list[torch.Tensor]:
+    with _eval_mode(model), torch.inference_mode():
+        return [t.float().clone() for t in _tensors(call_model(model, batch)) if t.is_floating_point()]
+
+
+def _max_rel_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    worst, where = 0.0, None
+    for i, (a, b) in enumerate(zip(before, after)):
+        rel = float((a - b).abs().max() / a.abs().max().clamp(min=1e-30))
+        if not rel <= worst:  # also catches NaN
+            worst, where = rel, i
+    if not worst <= FOLD_RTOL:
+        raise SmoothError(f"smoothing changed model output {where} by {worst:.2e} relative "
+                          f"(allowed {FOLD_RTOL:.0e}); every fold was undone")
+    return worst
