@@ -96,9 +96,10 @@ def with_observer(recipe: Recipe, observer: str | None) -> Recipe:
     """``recipe`` with every static input spec's observer set to ``observer`` (None: unchanged)."""
     if observer is None:
         return recipe
+    static = [r.input_spec is not None and r.input_spec.static for r in recipe.rules]
     rules = tuple(dataclasses.replace(r, input_spec=dataclasses.replace(r.input_spec, observer=observer))
-                  if r.input_spec is not None and r.input_spec.static else r for r in recipe.rules)
-    if rules == recipe.rules:
+                  if s else r for r, s in zip(recipe.rules, static))
+    if not any(static):
         raise RecipeError(f"observer={observer!r} given but no rule quantizes inputs statically "
                           "(use a w8a8-static scheme)")
     return dataclasses.replace(recipe, rules=rules)

@@ -53,5 +53,6 @@ def test_needs_by_rule():
 def test_observer_override():
     r = with_observer(lowbit.make_recipe("w8a8-static"), "percentile")
     assert r.rules[0].input_spec.observer == "percentile"
+    assert with_observer(lowbit.make_recipe("w8a8-static"), "minmax").rules[0].input_spec.observer == "minmax"
     with pytest.raises(RecipeError, match="no rule quantizes inputs statically"):
         with_observer(lowbit.make_recipe("w8"), "percentile")
