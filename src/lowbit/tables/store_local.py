@@ -143,6 +143,13 @@ class LocalTable:
             _fill_missing(out, keys, ok, on_missing, default, self.dim, str(self.path))
         return out
 
+    def lookup_versioned(self, keys, on_missing: str = "error", default=None) -> tuple[np.ndarray, str]:
+        """`lookup` plus this folder's version: its manifest's creation stamp (a folder never changes)."""
+        return self.lookup(keys, on_missing, default), self.version()
+
+    def version(self) -> str:
+        return str(self.manifest.get("created", "local"))
+
     def lookup_reference(self, keys, on_missing: str = "error", default=None) -> torch.Tensor:
         """The plain twin of `lookup` (torch decode)."""
         pos, ok = self.positions(keys, reference=True)

@@ -221,13 +221,18 @@ class RedisTable:
 
     def lookup(self, keys, on_missing: str = "error", default=None, pipelined: bool = True) -> np.ndarray:
         """float32 (n, dim) rows, all from one version; missing keys as in `LocalTable.lookup`."""
+        return self.lookup_versioned(keys, on_missing, default, pipelined)[0]
+
+    def lookup_versioned(self, keys, on_missing: str = "error", default=None,
+                         pipelined: bool = True) -> tuple[np.ndarray, int]:
+        """`lookup` plus the version number that answered (a server reports it per request)."""
         version = self._version if self._version is not None else self.version()
         for _ in range(MAX_VERSION_TRIES):
             meta = self.meta(version)
             current, values = self._call(self._fetch, keys, version, meta, pipelined)
             if current == version:
                 self._version = version
-                return self._decode(keys, values, meta, on_missing, default)
+                return self._decode(keys, values, meta, on_missing, default), version
             if current is None:
                 raise TableError(f"{self.where}: no table {self.name!r} (pointer deleted)")
             version = current
