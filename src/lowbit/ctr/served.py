@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
 from .. import io, tables
 from ..errors import LowbitError
+from ..tables.format import TableError
 from .model import DLRM, CTRConfig
 
 CTR_FORMAT = 1
@@ -60,7 +61,7 @@ def open_tables(refs: dict, base: Path, timeout_s: float = 2.0) -> dict:
             else:
                 path = Path(url) if Path(url).is_absolute() else Path(os.path.normpath(base / url))
                 opened[feature] = tables.open(path)
-        except LowbitError as exc:
+        except (LowbitError, TableError) as exc:
             raise LowbitError(f"feature {feature!r}: table {ref['table']!r} at {url}: {exc}") from None
     return opened
 
