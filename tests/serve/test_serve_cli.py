@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import as_sparse, redis_helpers, tiny_inputs
+from serve_helpers import as_sparse, redis_helpers, tiny_inputs
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0

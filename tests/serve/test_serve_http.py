@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIZES, as_sparse, running, tiny_inputs
+from serve_helpers import SIZES, as_sparse, running, tiny_inputs
 
 QUANT_PROB_BUDGET = 0.01  # 8-bit tables vs the float model: max |probability difference|
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import as_sparse, export_served, redis_helpers, running, tiny_inputs, tiny_model
+from serve_helpers import as_sparse, export_served, redis_helpers, running, tiny_inputs, tiny_model
 
 STORE_TIMEOUT_S = 0.3  # Redis socket timeout given to the service
 FAULT_BOUND_S = 3.0  # a request against a stopped Redis must be answered (503) within this
@@ -135,7 +135,13 @@ def test_redis_killed_and_restarted(redis, tmp_path):
             time.sleep(0.05)
         code, doc, _ = timed_post(url, inputs)  # back, but empty (no persistence): still a clear 503
         assert code == 503 and "no table 'k-bags." in doc["error"], doc
-        push_all(folder.parent, redis.url, "k-")
+        # the fresh Redis numbers versions from 1 again: 4-bit tables now, not the 8-bit ones cached
+        four = export_served(model, tmp_path / "m4", bits=4)
+        versions = push_all(four.parent, redis.url, "k-")
+        assert set(versions.values()) == {1}
         code, doc, _ = timed_post(url, inputs)
         assert code == 200
-        np.testing.assert_array_equal(np.float32(doc["outputs"]["probability"]), want)
+        from lowbit.ctr.served import load_served
+        want4 = load_served(four)[0].predict_versioned(*as_sparse(inputs, model.config))[0]
+        assert not np.array_equal(want4, want)
+        np.testing.assert_array_equal(np.float32(doc["outputs"]["probability"]), want4)
