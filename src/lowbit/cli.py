@@ -84,6 +84,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.which == "ctr":
         from .ctr.demo import main as ctr_main
         return ctr_main(tables=args.tables, json_path=args.json_path)
+    if args.tables:
+        raise ValueError("--tables applies to 'lowbit demo ctr' only")
     from . import demo
     kwargs = {"rounds": args.rounds, "threads": args.threads, "json_path": args.json_path}
     if args.schemes:
