@@ -29,6 +29,8 @@ def test_config_round_trip_and_errors():
         CTRConfig(sparse=(("dense", 3, "sum"),), dim=4, bottom=(4,))
     with pytest.raises(LowbitError, match="feature 'user': rows must be a positive int and mode"):
         CTRConfig(sparse=(("user", 3, "max"),), dim=4, bottom=(4,))
+    with pytest.raises(LowbitError, match=r"unknown field\(s\) \['width'\]"):
+        CTRConfig.from_json({**c.to_json(), "width": 3})
     with pytest.raises(LowbitError, match="CTR config version 7"):
         CTRConfig.from_json({**c.to_json(), "config_version": 7})
 

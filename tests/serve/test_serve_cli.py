@@ -101,3 +101,72 @@ def test_rebind_forms():
     assert rebind(refs, "/srv/tables")["user"]["url"] == "/srv/tables/bags.user"
     with pytest.raises(LowbitError, match=r"use \?prefix=P, not \?name="):
         rebind(refs, "redis://127.0.0.1:7000/0?name=x")
+
+
+GOLDEN_CTR_JSON = """{
+ "ctr_format": 1,
+ "model": {
+  "bottom": [
+   16,
+   8
+  ],
+  "config_version": 1,
+  "dense": 3,
+  "dense_name": "dense",
+  "dim": 8,
+  "sparse": [
+   [
+    "user",
+    60,
+    "sum"
+   ],
+   [
+    "item",
+    40,
+    "sum"
+   ],
+   [
+    "occupation",
+    6,
+    "sum"
+   ],
+   [
+    "genre",
+    8,
+    "mean"
+   ]
+  ],
+  "top": [
+   16
+  ]
+ },
+ "tables": {
+  "genre": {
+   "table": "bags.genre",
+   "url": "../tables/bags.genre"
+  },
+  "item": {
+   "table": "bags.item",
+   "url": "../tables/bags.item"
+  },
+  "occupation": {
+   "table": "bags.occupation",
+   "url": "../tables/bags.occupation"
+  },
+  "user": {
+   "table": "bags.user",
+   "url": "../tables/bags.user"
+  }
+ }
+}"""
+
+
+def test_ctr_json_golden_and_sealed(served):
+    """The side file byte for byte (hand-written above), and its checksum in the weights header."""
+    import hashlib
+
+    from lowbit.io import read_header
+    _, folder = served
+    raw = (folder / "ctr.json").read_bytes()
+    assert raw == GOLDEN_CTR_JSON.encode()
+    assert read_header(folder)["files"] == {"ctr.json": hashlib.sha256(raw).hexdigest()}

@@ -17,7 +17,8 @@ from serve_helpers import as_sparse, export_served, redis_helpers, running, tiny
 
 STORE_TIMEOUT_S = 0.3  # Redis socket timeout given to the service
 FAULT_BOUND_S = 3.0  # a request against a stopped Redis must be answered (503) within this
-CLIENTS, REQUESTS_EACH = 4, 40  # traffic during the version switch (bounded)
+CLIENTS, MAX_REQUESTS_EACH = 4, 500  # traffic during the version switch (bounded in count)
+TRAFFIC_WAIT_S = 20.0  # and in time
 
 
 @pytest.fixture
@@ -49,6 +50,7 @@ def expected(model, inputs) -> np.ndarray:
 
 def test_version_switch_under_traffic(redis, tmp_path):
     import httpx
+    from lowbit.ctr.served import load_served
     from lowbit.serve import Client
     old, new = tiny_model(seed=0), tiny_model(seed=0)
     with torch.no_grad():
@@ -57,37 +59,46 @@ def test_version_switch_under_traffic(redis, tmp_path):
     push_all(old_dir.parent, redis.url, "p-")
     served, app = serve_from_redis(old_dir, redis.url, "p-")
     inputs = tiny_inputs(16)
-    want = {"old": served.predict_versioned(*as_sparse(inputs, old.config))[0]}
-    answers, errors = [], []
+    want = {"old": served.predict_versioned(*as_sparse(inputs, old.config))[0],
+            "new": load_served(new_dir)[0].predict_versioned(*as_sparse(inputs, new.config))[0]}
+    assert not np.array_equal(want["old"], want["new"])
+    answers, errors, stop = [], [], threading.Event()
 
     def client():
         with httpx.Client(base_url=url, timeout=10) as c:
-            for _ in range(REQUESTS_EACH):
+            for _ in range(MAX_REQUESTS_EACH):
+                if stop.is_set():
+                    return
                 r = c.post("/predict", json={"inputs": inputs})
                 (answers if r.status_code == 200 else errors).append(r.json())
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + TRAFFIC_WAIT_S
+        while len(answers) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     with running(app) as url:
         threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
         for t in threads:
             t.start()
-        time.sleep(0.2)
-        versions = push_all(new_dir.parent, redis.url, "p-")  # the "user" table only changes rows
+        wait_for(20)
+        before = len(answers)
+        versions = push_all(new_dir.parent, redis.url, "p-")  # while the clients keep sending
         with Client(url) as c:
             after = c.predict(inputs)
             assert c.last_versions["user"] == versions["bags.user"]
+        wait_for(len(answers) + 20)
+        stop.set()
         for t in threads:
             t.join(timeout=60)
-    from lowbit.ctr.served import load_served
-    new_served, _ = load_served(new_dir)  # the same new tables, read locally
-    want["new"] = new_served.predict_versioned(*as_sparse(inputs, new.config))[0]
     np.testing.assert_array_equal(after.astype(np.float32), want["new"])
-    assert not errors and len(answers) == CLIENTS * REQUESTS_EACH
-    seen = set()
+    assert not errors and before >= 20
+    seen = []
     for a in answers:  # each answer is all-old or all-new, as its reported version says
         which = "new" if a["versions"]["user"] == versions["bags.user"] else "old"
         np.testing.assert_array_equal(np.float32(a["outputs"]["probability"]), want[which])
-        seen.add(which)
-    assert "old" in seen
+        seen.append(which)
+    assert seen.count("old") >= 20 and seen.count("new") >= 10, (seen.count("old"), seen.count("new"))
 
 
 def timed_post(url: str, inputs: dict):

@@ -60,6 +60,9 @@ class CTRConfig:
         if doc.get("config_version") != CONFIG_VERSION:
             raise LowbitError(f"CTR config version {doc.get('config_version')!r}; this lowbit reads {CONFIG_VERSION}")
         fields = {k: v for k, v in doc.items() if k != "config_version"}
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise LowbitError(f"CTR config: unknown field(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
         return cls(**fields)
 
 
