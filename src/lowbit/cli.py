@@ -33,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=5, help="timing rounds (batch-1 uses 6x as many)")
     d.add_argument("--threads", type=int, default=None, help="torch threads (1 gives the steadiest timings)")
     d.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
+    d.add_argument("which", nargs="?", choices=["ctr"], default=None,
+                   help="ctr: train a CTR model, serve it from fp32/8/4/2-bit tables, print AUC and speed")
+    d.add_argument("--tables", default=None, help="ctr: serve from redis://host:port/db (default: local folders)")
     from .tables.cli import add_parser as add_table_parser  # lowbit table build|inspect|lookup|push
     add_table_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser  # lowbit serve DIR
+    add_serve_parser(sub)
     return p
 
 
@@ -85,6 +90,11 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.which == "ctr":
+        from .ctr.demo import main as ctr_main
+        return ctr_main(tables=args.tables, json_path=args.json_path)
+    if args.tables:
+        raise ValueError("--tables applies to 'lowbit demo ctr' only")
     from . import demo
     kwargs = {"rounds": args.rounds, "threads": args.threads, "json_path": args.json_path}
     if args.schemes:
@@ -96,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "kernels": cmd_kernels,
-               "table": lambda a: a.table_func(a)}[args.command]
+               "table": lambda a: a.table_func(a), "serve": lambda a: a.serve_func(a)}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly

@@ -29,6 +29,11 @@ class TableEmbeddingBag(torch.nn.Module):
 
     def forward(self, keys, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_versioned(keys, offsets, per_sample_weights)[0]
+
+    def forward_versioned(self, keys, offsets: torch.Tensor | None = None,
+                          per_sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        """`forward` plus the table version that answered (None for a store that has no versions)."""
         k = keys.detach().cpu().numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
         if k.ndim == 2:
             if offsets is not None:
@@ -39,11 +44,15 @@ class TableEmbeddingBag(torch.nn.Module):
                              f"offsets {'given' if offsets is not None else 'missing'}")
         if per_sample_weights is not None and self.mode != "sum":
             raise TableError("per_sample_weights need mode='sum' (as in torch.nn.EmbeddingBag)")
-        rows = torch.from_numpy(np.ascontiguousarray(self.table.lookup(k.reshape(-1), on_missing=self.on_missing)))
+        if hasattr(self.table, "lookup_versioned"):
+            found, version = self.table.lookup_versioned(k.reshape(-1), on_missing=self.on_missing)
+        else:
+            found, version = self.table.lookup(k.reshape(-1), on_missing=self.on_missing), None
+        rows = torch.from_numpy(np.ascontiguousarray(found))
         ids = torch.arange(rows.shape[0], dtype=torch.int64)  # each looked-up row once, in order
         psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).float()
         return torch.nn.functional.embedding_bag(ids, rows, torch.as_tensor(offsets, dtype=torch.int64),
-                                                 mode=self.mode, per_sample_weights=psw)
+                                                 mode=self.mode, per_sample_weights=psw), version
 
     def extra_repr(self) -> str:
         return f"{self.table!r}, mode={self.mode!r}"

@@ -9,6 +9,7 @@ threads.
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import warnings
 from pathlib import Path
@@ -142,6 +143,16 @@ class LocalTable:
         if ok is not None:
             _fill_missing(out, keys, ok, on_missing, default, self.dim, str(self.path))
         return out
+
+    def lookup_versioned(self, keys, on_missing: str = "error", default=None) -> tuple[np.ndarray, str]:
+        """`lookup` plus this folder's version (a folder never changes; see `version`)."""
+        return self.lookup(keys, on_missing, default), self.version()
+
+    def version(self) -> str:
+        """``local:`` + the first 12 hex digits of the SHA-256 over the shards' SHA-256s: the same
+        rows give the same version wherever the folder is copied."""
+        digests = "".join(e["sha256"] for e in self.manifest["shards"]).encode()
+        return "local:" + hashlib.sha256(digests).hexdigest()[:12]
 
     def lookup_reference(self, keys, on_missing: str = "error", default=None) -> torch.Tensor:
         """The plain twin of `lookup` (torch decode)."""

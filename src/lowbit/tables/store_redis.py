@@ -15,8 +15,9 @@ and retired set share one slot (one Lua script switches the pointer and retires 
 atomically); a version's rows spread over ``buckets`` slots, so in a cluster they spread over nodes.
 
 Push (Paddle Cube's double-buffered swap): write every row of version V with pipelining, check
-the row count, then switch the pointer. Readers read the pointer and the rows in one pipeline;
-if the pointer moved since their cached version, they re-read at the new version. So a lookup
+the row count, then switch the pointer. Readers read the pointer, version V's metadata and the rows
+in one pipeline; if the pointer moved since their cached version, or the metadata is not the one
+they cached (a Redis restarted empty numbers its pushes from 1 again), they re-read. So a lookup
 returns rows of a single version. A retired version is deleted by a later push once
 ``grace_s`` seconds have passed (readers in flight keep reading it until then).
 A Redis that cannot be reached raises `StoreUnavailable` within about ``timeout_s`` seconds;
@@ -183,6 +184,7 @@ class RedisTable:
     def __init__(self, client, name: str, where: str = "redis") -> None:
         self.client, self.name, self.where = client, name, where
         self._meta: dict[int, dict] = {}
+        self._raw: dict[int, bytes] = {}  # the metadata as stored: a push's identity
         self._version: int | None = None
 
     @classmethod
@@ -197,8 +199,12 @@ class RedisTable:
         try:
             return fn(*args)
         except _unavailable_errors() as exc:
+            self._forget()  # a Redis that comes back may be a fresh one, with version numbers reused
             raise StoreUnavailable(f"{self.where}: Redis unavailable for table {self.name!r} "
                                    f"({type(exc).__name__}: {exc})") from None
+
+    def _forget(self) -> None:
+        self._meta, self._raw, self._version = {}, {}, None
 
     def version(self) -> int:
         raw = self._call(self.client.get, _k(self.name, "current"))
@@ -212,7 +218,7 @@ class RedisTable:
             raw = self._call(self.client.get, _k(self.name, f"meta:{version}"))
             if raw is None:
                 raise TableError(f"{self.where}: table {self.name!r} version {version} has no metadata")
-            self._meta = {version: json.loads(raw)}  # keep one: versions only move forward
+            self._meta, self._raw = {version: json.loads(raw)}, {version: raw}  # keep one
         return self._meta[version]
 
     @property
@@ -221,15 +227,23 @@ class RedisTable:
 
     def lookup(self, keys, on_missing: str = "error", default=None, pipelined: bool = True) -> np.ndarray:
         """float32 (n, dim) rows, all from one version; missing keys as in `LocalTable.lookup`."""
+        return self.lookup_versioned(keys, on_missing, default, pipelined)[0]
+
+    def lookup_versioned(self, keys, on_missing: str = "error", default=None,
+                         pipelined: bool = True) -> tuple[np.ndarray, int]:
+        """`lookup` plus the version number that answered (a server reports it per request)."""
         version = self._version if self._version is not None else self.version()
         for _ in range(MAX_VERSION_TRIES):
             meta = self.meta(version)
-            current, values = self._call(self._fetch, keys, version, meta, pipelined)
-            if current == version:
+            current, raw, values = self._call(self._fetch, keys, version, meta, pipelined)
+            if current == version and raw == self._raw.get(version):
                 self._version = version
-                return self._decode(keys, values, meta, on_missing, default)
+                return self._decode(keys, values, meta, on_missing, default), version
             if current is None:
+                self._forget()
                 raise TableError(f"{self.where}: no table {self.name!r} (pointer deleted)")
+            if current == version:  # same number, another push (a fresh Redis numbers from 1 again)
+                self._forget()
             version = current
         raise TableError(f"{self.where}: table {self.name!r} changed version {MAX_VERSION_TRIES} times "
                          "during one lookup; retry")
@@ -240,16 +254,16 @@ class RedisTable:
         fields, bucket = _key_bytes(k), _buckets_of(k, meta["buckets"])
         groups = [np.flatnonzero(bucket == b) for b in np.unique(bucket)] if meta["buckets"] > 1 else [None]
         c = self.client.pipeline(transaction=False) if pipelined else self.client
-        out = [c.get(_k(self.name, "current"))]
+        out = [c.get(_k(self.name, "current")), c.get(_k(self.name, f"meta:{version}"))]
         for idx in groups:
             b = 0 if idx is None else int(bucket[idx[0]])
             out.append(c.hmget(_rows_key(self.name, version, b), fields if idx is None else [fields[i] for i in idx]))
         res = c.execute() if pipelined else out
         values: list = [None] * k.size
-        for idx, vals in zip(groups, res[1:]):
+        for idx, vals in zip(groups, res[2:]):
             for i, v in zip(range(k.size) if idx is None else idx, vals):
                 values[i] = v
-        return (int(res[0]) if res[0] is not None else None), values
+        return (int(res[0]) if res[0] is not None else None), res[1], values
 
     def _decode(self, keys, values: list, meta: dict, on_missing: str, default) -> np.ndarray:
         layout = Layout(meta["dim"], meta["bits"], meta["scale_dtype"] or "float16")
