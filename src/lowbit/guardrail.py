@@ -13,14 +13,15 @@ from .nn import QLinear, QLinearA8
 from .nn.selection import speed_vs_float
 
 ROWS = (1, 256)      # one token, and a batch of a few sentences
-SLOWER = 1.10        # a path above this many times fp32's time here is named in a warning
+SLOWER = 1.10        # a path above this many times fp32's time here is named in a warning ...
+SLOWER_MS = 0.02     # ... when it also costs this much more per call (microsecond noise is not news)
 
 
 @dataclass(frozen=True)
 class LayerSpeed:
     name: str
     scheme: str
-    paths: tuple[tuple[int, str, float | None], ...]  # (rows, path, time / fp32's)
+    paths: tuple[tuple[int, str, float | None, float | None], ...]  # (rows, path, x fp32, ms over fp32)
 
 
 def layer_speeds(model: torch.nn.Module) -> list[LayerSpeed]:
@@ -33,23 +34,31 @@ def layer_speeds(model: torch.nn.Module) -> list[LayerSpeed]:
 
 
 def summarize(speeds: list[LayerSpeed]) -> tuple[list[str], list[str]]:
-    """(lines per scheme and row count: paths taken and the range of ratios, warnings by name)."""
-    lines, warnings = [], []
-    by: dict[tuple[str, int], list[tuple[str, float | None]]] = {}
+    """(lines per scheme and row count: paths taken and the range of ratios; warnings, one per
+    scheme, row count and path, naming the layers)."""
+    lines, slow, by = [], {}, {}
     for s in speeds:
-        for rows, path, ratio in s.paths:
+        for rows, path, ratio, extra_ms in s.paths:
             by.setdefault((s.scheme, rows), []).append((path, ratio))
-            if ratio is not None and ratio > SLOWER:
-                warnings.append(f"{s.name}: {s.scheme} takes path {path} at {rows} row(s), "
-                                f"{ratio:.2f}x the float layer's time on this CPU (no faster path here)")
+            if ratio is not None and ratio > SLOWER and extra_ms > SLOWER_MS:
+                slow.setdefault((s.scheme, rows, path), []).append((s.name, ratio))
         if s.paths[0][1] == "ref":
-            warnings.append(f"{s.name}: {s.scheme} has no fast kernel on this CPU: the weight is "
-                            "dequantized on every call, slower than float (it saves memory and disk, "
-                            "not time)")
+            slow.setdefault((s.scheme, None, "ref"), []).append((s.name, None))
     for (scheme, rows), items in by.items():
         paths = sorted({p for p, _ in items})
         ratios = [r for _, r in items if r is not None]
         span = (f"{min(ratios):.2f}-{max(ratios):.2f}x fp32" if ratios else
                 "slower than fp32 (dequantized every call)" if paths == ["ref"] else "pinned, not timed")
         lines.append(f"  {scheme} at {rows} row(s): {', '.join(paths)}; {span}")
-    return lines, warnings
+    return lines, [_warning(key, layers) for key, layers in slow.items()]
+
+
+def _warning(key: tuple, layers: list[tuple[str, float | None]]) -> str:
+    scheme, rows, path = key
+    names = ", ".join(n for n, _ in layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    if rows is None:
+        return (f"{scheme} has no fast kernel on this CPU: {len(layers)} layer(s) ({names}) dequantize "
+                "their weight on every call, slower than float (this saves memory and disk, not time)")
+    worst = max(r for _, r in layers)
+    return (f"{scheme} at {rows} row(s): {len(layers)} layer(s) ({names}) take path {path}, up to "
+            f"{worst:.2f}x the float layer's time on this CPU (no faster quantized path here)")

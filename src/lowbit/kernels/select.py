@@ -11,7 +11,7 @@ Cache file ``<cache dir>/kernels-<key>.json``, the cache dir being ``$LOWBIT_CAC
 ``platformdirs.user_cache_dir("lowbit")``, and ``<key>`` the first 16 hex digits of the SHA-256 of
 the host description (`host_key`)::
 
-    {"version": 1,
+    {"version": 2,
      "host": {"cpu": "AMD EPYC", "flags": ["avx512_bf16", ...], "capability": "AVX512",
               "torch": "2.13.0+cpu", "threads": 1},
      "choices": {"<shape class>": {"<row bucket>": {"path": "w8a8", "ms": {"w8a8": 0.41, ...}}}},
@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 from ..errors import LowbitError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the float layer timed beside the candidates ("fp32"), contiguous inputs
 CACHE_ENV = "LOWBIT_CACHE_DIR"
 FORCE_ENV = "LOWBIT_KERNEL"
 # (first row, last row or None, representative M timed for the bucket)

@@ -71,14 +71,15 @@ def reference_candidate(module: torch.nn.Module):
     return lambda m: torch.nn.functional.linear(x(m), w)
 
 
-def speed_vs_float(module: torch.nn.Module, rows: int) -> tuple[str, float | None]:
-    """(path, its time / the float layer's) for ``rows`` rows on this host; the ratio is None when
-    the path was pinned, forced, or is the layer's only one (nothing was timed)."""
+def speed_vs_float(module: torch.nn.Module, rows: int) -> tuple[str, float | None, float | None]:
+    """(path, its time / the float layer's, its time - the float layer's in ms) for ``rows`` rows
+    on this host; the figures are None when the path was pinned, forced, or is the layer's only
+    one (nothing was timed)."""
     path = module.path_for(rows)
     if module.force_path or len(module.candidates()) == 1:
-        return path, None
+        return path, None, None
     entry = selector_of(module).timings(shape_key(module), rows)
     ms = (entry or {}).get("ms", {})
     if path in ms and ms.get("fp32"):
-        return path, ms[path] / ms["fp32"]
-    return path, None
+        return path, ms[path] / ms["fp32"], ms[path] - ms["fp32"]
+    return path, None, None
