@@ -1,9 +1,11 @@
 """lowbit: quantize trained PyTorch models and embedding tables, and measure what it cost.
 
-The public verbs: `quantize`, `plan`, `save`, `load`. Nothing happens at import.
+The public verbs: `quantize`, `plan`, `save`, `load`; training for compression: `qat.prepare` /
+`qat.convert`, `quant_noise`, `ipq.quantize` / `ipq.size_report`. Nothing happens at import.
 """
 from ._version import __version__
 
+from . import ipq
 from .api import make_recipe, plan, quantize
 from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
@@ -12,4 +14,4 @@ from .spec import QuantSpec, SchemeError, parse_scheme
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
            "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
-           "quantize", "quantize_weight", "save"]
+           "quantize", "quantize_weight", "save", "ipq"]

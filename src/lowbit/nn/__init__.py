@@ -3,7 +3,8 @@ from .base import QuantizedModule
 from .qconv import QConv2d
 from .qembedding import QEmbedding
 from .qlinear import QLinear
+from .pq import PQConv2d, PQEmbedding, PQLinear
 from .registry import class_by_name, float_classes, quantized_class, register
 
-__all__ = ["QConv2d", "QEmbedding", "QLinear", "QuantizedModule", "class_by_name",
+__all__ = ["PQConv2d", "PQEmbedding", "PQLinear", "QConv2d", "QEmbedding", "QLinear", "QuantizedModule", "class_by_name",
            "float_classes", "quantized_class", "register"]
