@@ -5,8 +5,9 @@ The public verbs: `quantize`, `plan`, `save`, `load`; training for compression: 
 """
 from ._version import __version__
 
-from . import ipq
+from . import ipq, qat
 from .api import make_recipe, plan, quantize
+from .noise import quant_noise
 from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
 from .recipe import Plan, Recipe, RecipeError, Rule
@@ -14,4 +15,4 @@ from .spec import QuantSpec, SchemeError, parse_scheme
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
            "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
-           "quantize", "quantize_weight", "save", "ipq"]
+           "quantize", "quantize_weight", "save", "ipq", "qat", "quant_noise"]
