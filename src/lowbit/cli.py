@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import ipq_cli
 from .spec import VALID_FORMS
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=5, help="timing rounds (batch-1 uses 6x as many)")
     d.add_argument("--threads", type=int, default=None, help="torch threads (1 gives the steadiest timings)")
     d.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
+    ipq_cli.add_parser(sub)
     return p
 
 
@@ -84,7 +86,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
+    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo,
+               "ipq": ipq_cli.cmd_ipq}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly
