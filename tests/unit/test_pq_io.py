@@ -138,3 +138,27 @@ def test_swap_modules_is_all_or_nothing():
     with pytest.raises(QuantizationError, match="no module 'nope'"):
         swap_modules(m, {"0": torch.nn.Identity(), "nope": torch.nn.Identity()})
     assert m[0] is first
+
+
+def test_golden_codebook_layer_in_a_file(tmp_path):
+    """A hand-made 3x4 PQ Linear (k=2 centroids of 2, no bias): its header entry and tensor bytes."""
+    cw = CodebookWeight(torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float16),
+                        torch.tensor([[0, 1], [1, 1], [1, 0]], dtype=torch.uint8), (3, 4), 2)
+    m = torch.nn.Sequential(PQLinear(cw))
+    path = lowbit.save(m, tmp_path / "g.safetensors")
+    from lowbit.io import read_header
+    entry = read_header(path)["layers"]["0"]
+    assert entry == {"class": "PQLinear", "kind": "codebook", "format": "codebook", "version": 1,
+                     "shape": [3, 4], "block_size": 2, "input": None, "method": "ipq",
+                     "sqnr_db": None, "tensors": ["centroids", "assignments"], "dtype": "float32",
+                     "aliases": []}
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["0.assignments", "0.centroids"]
+        cent = f.get_tensor("0.centroids")
+        assign = f.get_tensor("0.assignments")
+    # float16 little-endian: 1.0 = 0x3C00, -2.0 = 0xC000, 0.5 = 0x3800, 4.0 = 0x4400
+    assert bytes(cent.view(torch.uint8).flatten().tolist()) == bytes.fromhex("003c00c000380044")
+    assert bytes(assign.flatten().tolist()) == bytes([0, 1, 1, 1, 1, 0])
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    with torch.no_grad():  # rows: [1,-2,0.5,4], [0.5,4,0.5,4], [0.5,4,1,-2]
+        assert torch.equal(m(x), torch.tensor([[3.5, 9.0, 3.5]]))
