@@ -118,7 +118,6 @@ def test_load_state_dict_into_a_pq_layer_rebuilds_and_checks():
 
 
 def test_tampered_codebook_header_is_named(tmp_path):
-    from lowbit.io.format import decode_header  # noqa: F401  (the header is sealed anyway)
     m = quantized()
     path = lowbit.save(m, tmp_path / "m.safetensors")
     with safe_open(str(path), "pt") as f:

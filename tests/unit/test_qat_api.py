@@ -3,8 +3,6 @@ the layers post-training quantization makes (same codes, scales and outputs for 
 and the converted model saves and loads as usual."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
