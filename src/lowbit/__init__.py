@@ -1,10 +1,13 @@
 """lowbit: quantize trained PyTorch models and embedding tables, and measure what it cost.
 
-The public verbs: `quantize`, `plan`, `save`, `load`. Nothing happens at import.
+The public verbs: `quantize`, `plan`, `save`, `load`; training for compression: `qat.prepare` /
+`qat.convert`, `quant_noise`, `ipq.quantize` / `ipq.size_report`. Nothing happens at import.
 """
 from ._version import __version__
 
+from . import ipq, qat
 from .api import make_recipe, plan, quantize
+from .noise import quant_noise
 from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
 from .recipe import Plan, Recipe, RecipeError, Rule
@@ -13,4 +16,4 @@ from . import tables  # lowbit.tables.open / build / push / export (Redis and Da
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
            "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
-           "quantize", "quantize_weight", "save"]
+           "quantize", "quantize_weight", "save", "ipq", "qat", "quant_noise"]

@@ -129,6 +129,10 @@ def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, 
         if w.is_meta:
             raise QuantizationError(f"{name}: weights are on the meta device; load real weights "
                                     "before quantizing")
+        if rule.method not in ALGORITHMS:
+            raise QuantizationError(f"{name}: method {rule.method!r} takes its weights from "
+                                    f"training (lowbit.qat.convert); post-training methods: "
+                                    f"{sorted(ALGORITHMS)}")
         qw = ALGORITHMS[rule.method](w, rule.spec, name, (stats or {}).get(name))
         db = weight_sqnr_db(w, qw)  # by row blocks: no full-size float temporaries
     else:
@@ -227,3 +231,47 @@ def scale_channels(model: torch.nn.Module, scales: Sequence[ChannelScale],
             for p, value in old:
                 p.copy_(value)
         raise
+
+
+def swap_modules(model: torch.nn.Module, new: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """Replace modules by name, all or nothing: every other name of a replaced module gets the same
+    new module (shared modules stay shared), forward hooks move over (others are warned about).
+    Used by QAT (fake-quant twins and back), Quant-Noise and iPQ. Returns {alias: name} for the
+    extra names replaced."""
+    owners = {}  # id(old module) -> every name it has
+    for n, m in model.named_modules(remove_duplicate=False):
+        owners.setdefault(id(m), []).append(n)
+    olds, chosen, aliases = {}, {}, {}
+    for name, module in new.items():
+        try:
+            olds[name] = model.get_submodule(name) if name else None
+        except AttributeError:
+            raise QuantizationError(f"swap_modules: the model has no module {name!r}") from None
+        if olds[name] is None or not isinstance(module, torch.nn.Module):
+            raise QuantizationError(f"swap_modules: {name!r} must name a submodule and map to a "
+                                    f"torch.nn.Module, found {type(module).__name__}")
+        prior = chosen.setdefault(id(olds[name]), module)
+        if prior is not module:
+            raise QuantizationError(f"swap_modules: {name!r} shares its module with another name "
+                                    "given a different replacement")
+    done: list[tuple[str, torch.nn.Module]] = []
+    placed: set[int] = set()
+    try:
+        for name, module in new.items():
+            old = olds[name]
+            if any(d[0] == name for d in done):
+                continue
+            if id(module) not in placed:  # hooks come from the first module it replaces
+                placed.add(id(module))
+                for w in _carry_hooks(name, old, module):
+                    warnings.warn(w, stacklevel=2)
+            for other in owners[id(old)]:
+                done.append((other, old))
+                replace_module(model, other, module)
+                if other != name and other not in new:
+                    aliases[other] = name
+    except BaseException:
+        for name, original in reversed(done):
+            replace_module(model, name, original)
+        raise
+    return aliases

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import ipq_cli
 from .spec import VALID_FORMS
 
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_table_parser(sub)
     from .serve.cli import add_parser as add_serve_parser  # lowbit serve DIR
     add_serve_parser(sub)
+    ipq_cli.add_parser(sub)
     return p
 
 
@@ -106,7 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "kernels": cmd_kernels,
-               "table": lambda a: a.table_func(a), "serve": lambda a: a.serve_func(a)}[args.command]
+               "table": lambda a: a.table_func(a), "serve": lambda a: a.serve_func(a),
+               "ipq": ipq_cli.cmd_ipq}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly

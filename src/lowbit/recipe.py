@@ -19,6 +19,8 @@ from .nn import float_classes, quantized_class
 from .primitives.affine import as_2d, group_mismatch
 from .spec import ActSpec, QuantSpec, Scheme, parse
 
+# methods whose weights come from training (`lowbit.qat.convert`), never from `quantize`
+TRAINED_METHODS = ("qat", "lsq")
 
 
 
@@ -52,8 +54,9 @@ class Rule:
                     re.compile(t[3:])
                 except re.error as exc:
                     raise RecipeError(f"bad regex in target {t!r}: {exc}") from None
-        if self.method not in ALGORITHMS:
-            raise RecipeError(f"unknown method {self.method!r}; available: {tuple(ALGORITHMS)}")
+        if self.method not in tuple(ALGORITHMS) + TRAINED_METHODS:
+            raise RecipeError(f"unknown method {self.method!r}; available: {tuple(ALGORITHMS)} (and "
+                              f"{TRAINED_METHODS} for weights from lowbit.qat.convert)")
 
     @property
     def scheme(self) -> Scheme:

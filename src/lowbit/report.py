@@ -21,7 +21,10 @@ def inspect_table(path: str | os.PathLike) -> str:
         numel = math.prod(e["shape"])
         q_bytes, float_bytes = q_bytes + nbytes, float_bytes + 4 * numel
         db = e.get("sqnr_db")
-        scheme = QuantSpec.from_dict(e["spec"]).name + ("" if e.get("input") is None else " +a8")
+        if e["kind"] == "codebook":  # product quantization: k centroids of block_size values
+            scheme = f"pq k{tensors[f'{name}.centroids'].shape[0]} b{e['block_size']}"
+        else:
+            scheme = QuantSpec.from_dict(e["spec"]).name + ("" if e.get("input") is None else " +a8")
         rows.append((name, e["class"], scheme, "x".join(map(str, e["shape"])), nbytes,
                      f"{8 * nbytes / numel:.2f}", "n/a" if db is None else f"{float(db):.1f}"))
     table = text_table(("layer", "class", "scheme", "shape", "bytes", "bits/w", "SQNR dB"), rows,

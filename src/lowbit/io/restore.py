@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..apply import apply
+from ..apply import apply, swap_modules
 from ..errors import FormatError, LowbitError, QuantizationError
 from ..nn import QuantizedModule, class_by_name, quantized_class
 from ..primitives import WEIGHT_KINDS
@@ -15,13 +15,15 @@ from ..spec import ActSpec
 
 
 def load_into(model: torch.nn.Module, doc: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
-    plan, weights, sqnr, quant_keys = plan_from_header(doc, tensors, model, path)
+    plan, weights, sqnr, quant_keys, built = plan_from_header(doc, tensors, model, path)
     buffers = {k: tensors.pop(k) for k in doc["nonpersistent"] if k in tensors}
     params = {n: e.get("input_params") for n, e in doc["layers"].items() if e.get("input_params")}
     try:
-        apply(model, plan, weights=weights, sqnr=sqnr, input_params=params)
+        if plan.layers:
+            apply(model, plan, weights=weights, sqnr=sqnr, input_params=params)
     except QuantizationError as exc:
         raise FormatError(f"{path}: {exc}") from None
+    swap_modules(model, built)
     for name, entry in doc["layers"].items():
         model.get_submodule(name).compute_dtype = getattr(torch, entry["dtype"])
     _restore_buffers(model, buffers, path)
@@ -29,43 +31,59 @@ def load_into(model: torch.nn.Module, doc: dict, tensors: dict[str, torch.Tensor
     _retie(model, doc["tied"], path)
 
 
-def plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: str):
-    """(plan, weights from the file's tensors, sqnr, the state-dict keys those tensors fill)."""
-    def from_file(entry: dict, meta: dict, names: tuple[str, ...], name: str):
-        kind = WEIGHT_KINDS[entry["kind"]]
-        return kind.from_tensors({t: tensors.get(f"{name}.{t}") for t in names}, meta, name)
-    return plan_with_weights(doc, model, path, from_file)
-
-
-def plan_with_weights(doc: dict, model: torch.nn.Module, path: str, make_weight):
-    """Every header layer checked against ``model`` (class, kind, input spec, tensor list, shape),
-    its weight made by ``make_weight(entry, meta, tensor_names, name)``: (plan, weights, sqnr,
-    quantized state-dict keys). The one place a header's layers meet a model."""
-    layers, weights, sqnr, aliases, quant_keys = {}, {}, {}, {}, set()
+def plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: str,
+                     make_weight=None):
+    """Affine layers as a Plan with their weights (for `apply`); codebook layers as built modules
+    (for `swap_modules`); the file keys that belong to quantized layers. The one place a header's
+    layers meet a model: ``make_weight(entry, name) -> (weight, tensor names)`` builds each weight
+    (default: from ``tensors``; the transformers loader passes meta-device skeletons)."""
+    make = make_weight or (lambda entry, name: _weight_from_file(entry, name, tensors, path))
+    layers, weights, sqnr, aliases, quant_keys, built = {}, {}, {}, {}, set(), {}
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, entry in doc["layers"].items():
         module = modules.get(name)
         input_spec = _input_spec(entry, name, path)
         mode = None if input_spec is None else ("static" if input_spec.static else "dynamic")
         _check_module(module, entry, name, mode, path)
-        try:
-            meta = {k: entry[k] for k in ("spec", "shape")}
-            names = WEIGHT_KINDS[entry["kind"]].tensor_names_for(meta, name)
-            if list(names) != entry["tensors"]:
-                raise QuantizationError(f"{name}: the header lists tensors {entry['tensors']}, a "
-                                        f"{entry['kind']} weight of this spec has {list(names)}")
-            qw = make_weight(entry, meta, names, name)
-        except LowbitError as exc:
-            raise FormatError(f"{path}: {exc}") from None
+        qw, names = make(entry, name)
         if tuple(module.weight.shape) != tuple(qw.shape):
             raise FormatError(f"{path}: layer {name!r}: the file holds a weight of shape {tuple(qw.shape)}, "
                               f"the model expects {tuple(module.weight.shape)}")
-        layers[name] = Rule((name,), qw.spec, method=entry["method"], input_spec=input_spec)
-        weights[name], sqnr[name] = qw, _db(entry.get("sqnr_db"))
+        if entry["kind"] == "affine":
+            layers[name] = Rule((name,), qw.spec, method=entry["method"], input_spec=input_spec)
+            weights[name], sqnr[name] = qw, _db(entry.get("sqnr_db"))
+            aliases.update({a: name for a in entry["aliases"]})
+        else:
+            cls = quantized_class(module, entry["kind"], mode)
+            built[name] = cls.from_float(module, qw, entry["method"], _db(entry.get("sqnr_db")), None)
+            built.update({a: built[name] for a in entry["aliases"] if a in modules})
         for other in [name] + entry["aliases"]:
             quant_keys |= {f"{other}.{t}" for t in names}
-        aliases.update({a: name for a in entry["aliases"]})
-    return Plan(layers, {}, aliases), weights, sqnr, quant_keys
+    return Plan(layers, {}, aliases), weights, sqnr, quant_keys, built
+
+
+def _weight_from_file(entry: dict, name: str, tensors: dict[str, torch.Tensor], path: str):
+    """The layer's weight, built by its kind from the tensors the header lists."""
+    kind = WEIGHT_KINDS[entry["kind"]]
+    meta, names = checked_tensor_names(entry, name, path)
+    try:
+        return kind.from_tensors({t: tensors.get(f"{name}.{t}") for t in names}, meta, name), names
+    except LowbitError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+
+
+def checked_tensor_names(entry: dict, name: str, path: str) -> tuple[dict, tuple[str, ...]]:
+    """(the kind's meta, its tensor names), checked against the header's tensor list."""
+    kind = WEIGHT_KINDS[entry["kind"]]
+    try:
+        meta = {k: entry[k] for k in kind.META_KEYS}
+        names = kind.tensor_names_for(meta, name)
+    except LowbitError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    if list(names) != entry["tensors"]:
+        raise FormatError(f"{path}: {name}: the header lists tensors {entry['tensors']}, a "
+                          f"{entry['kind']} weight of this kind has {list(names)}")
+    return meta, names
 
 
 def _input_spec(entry: dict, name: str, path: str) -> ActSpec | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..primitives.packing import PACKING_VERSION
 
-_LAYER_FIELDS = {"class": str, "kind": str, "spec": dict, "shape": list, "method": str,
+_LAYER_FIELDS = {"class": str, "kind": str, "shape": list, "method": str,
                  "tensors": list, "dtype": str, "aliases": list}
+# fields a weight kind adds to its layer entries (its `meta`)
+_KIND_FIELDS = {"affine": {"spec": dict}, "codebook": {"format": str, "version": int, "block_size": int}}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -42,8 +44,9 @@ def check_side_name(name: str, path: str) -> None:
 def _check_layer(name: str, entry: object, path: str) -> None:
     if not isinstance(entry, dict):
         raise FormatError(f"{path}: layer {name!r}: entry must be an object, found {type(entry).__name__}")
-    for key, kind in _LAYER_FIELDS.items():
-        if not isinstance(entry.get(key), kind):
+    fields = {**_LAYER_FIELDS, **_KIND_FIELDS.get(entry.get("kind"), {})}
+    for key, kind in fields.items():
+        if not isinstance(entry.get(key), kind) or (kind is int and isinstance(entry.get(key), bool)):
             raise FormatError(f"{path}: layer {name!r}: field {key!r} must be a {kind.__name__}, "
                               f"found {type(entry.get(key)).__name__}")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"]):

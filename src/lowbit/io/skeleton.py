@@ -27,7 +27,7 @@ from ..recipe import Plan
 from .format import decode_header, tensors_sha256
 from .reader import check_side_files
 from .schema import check_side_name
-from .restore import plan_with_weights
+from .restore import checked_tensor_names, plan_from_header
 
 
 def meta_weight(kind: str, meta: dict, name: str) -> QuantizedWeight:
@@ -55,8 +55,13 @@ def _spec_shape(meta: dict, name: str):
 
 def skeleton_plan(doc: dict, model: torch.nn.Module, path: str) -> tuple[Plan, dict, dict]:
     """(plan, meta weights, sqnr) for the layers ``doc`` lists, checked against ``model``."""
-    the_plan, weights, sqnr, _ = plan_with_weights(
-        doc, model, path, lambda entry, meta, names, name: meta_weight(entry["kind"], meta, name))
+    def meta(entry: dict, name: str):
+        kind_meta, names = checked_tensor_names(entry, name, path)
+        try:
+            return meta_weight(entry["kind"], kind_meta, name), names
+        except QuantizationError as exc:
+            raise FormatError(f"{path}: {exc}") from None
+    the_plan, weights, sqnr, _, built = plan_from_header(doc, {}, model, path, make_weight=meta)
     return the_plan, weights, sqnr
 
 

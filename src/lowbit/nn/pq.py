@@ -14,22 +14,38 @@ Runtime memory beyond the file's bytes: an int32 index per block for each of the
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ..kernels import pq
-from ..primitives.codebook import CodebookWeight, unpack_assignments
+from ..primitives.codebook import CodebookError, CodebookWeight, unpack_assignments
+from ..spec import ActSpec
+from .base import QuantizedModule
+from .registry import register
 
 
-class PQModule(torch.nn.Module):
+class PQModule(QuantizedModule):
     """Shared state of the PQ layers: ``centroids`` (a Parameter, frozen unless
-    `train_centroids(True)`) and ``assignments`` (a uint8 buffer), the codebook's own names."""
+    `train_centroids(True)`) and ``assignments`` (a uint8 buffer), the codebook's own names.
 
-    def _set_codebook(self, cw: CodebookWeight, name: str) -> None:
+    The `QuantizedModule` protocol for the ``codebook`` weight kind: ``tensor_names``,
+    `layer_meta` (the file header entry), derived state dropped in `rebuild` on loads and casts,
+    and casts that keep the codebook's dtypes (the compute dtype follows the cast)."""
+
+    WEIGHT_KIND = CodebookWeight
+
+    def _set_codebook(self, cw: CodebookWeight, name: str, method: str = "ipq",
+                      sqnr_db: float | None = None) -> None:
         cw.check(name)
         self.weight_shape, self.block_size = tuple(cw.shape), cw.block_size
         self.centroids = torch.nn.Parameter(cw.centroids.clone(), requires_grad=False)
+        self.centroid_dtype = cw.centroids.dtype  # stored dtype (float32 while training)
         self.register_buffer("assignments", cw.assignments.clone())
+        self.input_spec, self.method, self.sqnr_db = None, method, sqnr_db
+        self.compute_dtype = torch.float32
+        self.tensor_names = CodebookWeight.tensor_names_for({})
 
     @property
     def codebook(self) -> CodebookWeight:
@@ -37,11 +53,23 @@ class PQModule(torch.nn.Module):
                               self.block_size)
 
     @property
+    def qweight(self) -> CodebookWeight:  # the QuantizedModule name for the module's weight
+        return self.codebook
+
+    @property
     def weight_nbytes(self) -> int:
         return self.codebook.nbytes
 
     def train_centroids(self, on: bool = True) -> None:
-        """Let an optimizer update the centroids (iPQ's finetuning between stages)."""
+        """Let an optimizer update the centroids (iPQ's finetuning between stages); create the
+        optimizer after this call. While training, float16 centroids are held as a float32
+        Parameter (an optimizer's steps and eps underflow in float16; Adam turns them into NaN);
+        ``train_centroids(False)`` rounds them back to the stored dtype."""
+        stored = getattr(self, "centroid_dtype", self.centroids.dtype)
+        self.centroid_dtype = stored
+        want = torch.float32 if on else stored
+        if self.centroids.dtype != want:
+            self.centroids = torch.nn.Parameter(self.centroids.detach().to(want), requires_grad=on)
         self.centroids.requires_grad_(on)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -55,7 +83,49 @@ class PQModule(torch.nn.Module):
         """int64 (rows, n_blocks) centroid indices (unpacked per call: cheap next to the gather)."""
         return self.codebook.indices()
 
+    def rebuild(self) -> None:
+        """Drop derived state; it is rebuilt lazily (and keyed on the tensors it derives from)."""
+        if hasattr(self, "_derived_state"):
+            self._derived_state.clear()
 
+    def layer_meta(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "kind": CodebookWeight.KIND,
+                **self.codebook.meta(), "input": None, "method": self.method,
+                "sqnr_db": self.sqnr_db, "tensors": list(self.tensor_names),
+                "dtype": str(self.compute_dtype).removeprefix("torch.")}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        torch.nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        name = prefix.rstrip(".") or type(self).__name__
+        try:
+            self.codebook.check(name)
+        except CodebookError as exc:
+            raise CodebookError(f"load_state_dict: {exc}") from None
+        self.rebuild()
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.weight_shape}, k={self.centroids.shape[0]}, "
+                f"block_size={self.block_size}, method={self.method}")
+
+    def _apply(self, fn, recurse=True):
+        """A cast keeps centroids and assignments in their stored dtypes (they are the weight);
+        moves move them; the compute dtype follows a floating cast."""
+        cent, assign = self.centroids.data, self.assignments
+        grad = self.centroids.requires_grad
+        probe = torch.empty(0, dtype=self.compute_dtype)
+        torch.nn.Module._apply(self, fn, recurse)
+        if self.centroids.dtype != cent.dtype:
+            self.centroids = torch.nn.Parameter(cent.to(self.centroids.device), requires_grad=grad)
+        if self.assignments.dtype != assign.dtype:
+            self._buffers["assignments"] = assign.to(self.assignments.device)
+        cast = fn(probe)
+        if cast.is_floating_point() and cast.dtype != probe.dtype:
+            self.compute_dtype = cast.dtype
+        self.rebuild()
+        return self
+
+
+@register(torch.nn.Linear, "codebook")
 class PQLinear(PQModule):
     """y = x @ W^T + b with W = centroids[assignments] (blocks of ``block_size`` inputs).
 
@@ -65,11 +135,11 @@ class PQLinear(PQModule):
     """
 
     def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None, cache: bool = False,
-                 name: str = "weight") -> None:
+                 name: str = "weight", method: str = "ipq", sqnr_db: float | None = None) -> None:
         super().__init__()
         if len(cw.shape) != 2:
             raise ValueError(f"{name}: PQLinear needs a 2-D (out, in) codebook weight, found {cw.shape}")
-        self._set_codebook(cw, name)
+        self._set_codebook(cw, name, method, sqnr_db)
         self.out_features, self.in_features = cw.shape
         self.cache = cache
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(),
@@ -78,12 +148,14 @@ class PQLinear(PQModule):
         self._derived_state: dict[str, tuple[tuple, torch.Tensor]] = {}  # key -> (stamp, tensor)
 
     @classmethod
-    def from_float(cls, linear: torch.nn.Linear, cw: CodebookWeight, cache: bool = False,
-                   name: str = "weight") -> "PQLinear":
+    def from_float(cls, linear: torch.nn.Linear, cw: CodebookWeight, method: str = "ipq",
+                   sqnr_db: float | None = None, input_spec: ActSpec | None = None, *,
+                   cache: bool = False, name: str = "weight") -> "PQLinear":
+        _no_inputs(input_spec, name)
         if tuple(cw.shape) != tuple(linear.weight.shape):
             raise ValueError(f"{name}: codebook shape {cw.shape} does not match the Linear's "
                              f"{tuple(linear.weight.shape)}")
-        return cls(cw, linear.bias, cache, name)
+        return cls(cw, linear.bias, cache, name, method, sqnr_db)
 
     def set_form(self, form: str | None) -> None:
         if form is not None and form not in pq.FORMS:
@@ -143,11 +215,13 @@ class PQLinear(PQModule):
                 f"k={self.centroids.shape[0]}, block_size={self.block_size}, cache={self.cache}")
 
 
+@register(torch.nn.Conv2d, "codebook")
 class PQConv2d(PQModule):
     """Conv2d with a codebook weight over blocks of in_channels*kh*kw (the paper's convention);
     the weight is gathered from the centroids on every call (differentiable in them)."""
 
-    def __init__(self, cw: CodebookWeight, conv: torch.nn.Conv2d, name: str = "weight") -> None:
+    def __init__(self, cw: CodebookWeight, conv: torch.nn.Conv2d, name: str = "weight",
+                 method: str = "ipq", sqnr_db: float | None = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"{name}: PQConv2d supports padding_mode='zeros' only, found "
@@ -155,11 +229,18 @@ class PQConv2d(PQModule):
         if tuple(cw.shape) != tuple(conv.weight.shape):
             raise ValueError(f"{name}: codebook shape {cw.shape} does not match the Conv2d's "
                              f"{tuple(conv.weight.shape)}")
-        self._set_codebook(cw, name)
+        self._set_codebook(cw, name, method, sqnr_db)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.groups = conv.groups
         self.bias = None if conv.bias is None else torch.nn.Parameter(
             conv.bias.detach().float().clone(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, conv: torch.nn.Conv2d, cw: CodebookWeight, method: str = "ipq",
+                   sqnr_db: float | None = None, input_spec: ActSpec | None = None, *,
+                   name: str = "weight") -> "PQConv2d":
+        _no_inputs(input_spec, name)
+        return cls(cw, conv, name, method, sqnr_db)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = F.embedding(self._index(), self.centroids.float()).reshape(self.weight_shape)
@@ -168,20 +249,42 @@ class PQConv2d(PQModule):
         return y.to(x.dtype)
 
 
+@register(torch.nn.Embedding, "codebook")
 class PQEmbedding(PQModule):
     """Embedding table with a codebook weight over blocks of ``block_size`` dimensions; a lookup
     gathers the looked-up rows' assignments, then their centroids."""
 
-    def __init__(self, cw: CodebookWeight, padding_idx: int | None = None, name: str = "weight") -> None:
+    def __init__(self, cw: CodebookWeight, padding_idx: int | None = None, name: str = "weight",
+                 method: str = "ipq", sqnr_db: float | None = None) -> None:
         super().__init__()
         if len(cw.shape) != 2:
             raise ValueError(f"{name}: PQEmbedding needs a 2-D (num, dim) weight, found {cw.shape}")
-        self._set_codebook(cw, name)
+        self._set_codebook(cw, name, method, sqnr_db)
         self.num_embeddings, self.embedding_dim = cw.shape
         self.padding_idx = padding_idx
 
+    @classmethod
+    def from_float(cls, emb: torch.nn.Embedding, cw: CodebookWeight, method: str = "ipq",
+                   sqnr_db: float | None = None, input_spec: ActSpec | None = None, *,
+                   name: str = "weight") -> "PQEmbedding":
+        _no_inputs(input_spec, name)
+        if tuple(cw.shape) != tuple(emb.weight.shape):
+            raise ValueError(f"{name}: codebook shape {cw.shape} does not match the Embedding's "
+                             f"{tuple(emb.weight.shape)}")
+        return cls(cw, emb.padding_idx, name, method, sqnr_db)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            bad = flat[(flat < 0) | (flat >= self.num_embeddings)][0]
+            raise IndexError(f"index {int(bad)} is out of range for an embedding table of "
+                             f"{self.num_embeddings} rows")
         rows = unpack_assignments(self.assignments[flat], self.centroids.shape[0])  # (n, n_blocks)
         out = F.embedding(rows, self.centroids.float())  # (n, n_blocks, block_size)
-        return out.reshape(*ids.shape, self.embedding_dim)
+        return out.reshape(*ids.shape, self.embedding_dim).to(self.compute_dtype)
+
+
+def _no_inputs(input_spec: ActSpec | None, name: str) -> None:
+    if input_spec is not None:
+        raise ValueError(f"{name}: codebook layers take float inputs; quantized inputs "
+                         f"({input_spec.name}) are not built for them")

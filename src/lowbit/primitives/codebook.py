@@ -182,6 +182,9 @@ class CodebookWeight:
     shape: tuple[int, ...]
     block_size: int
 
+    KIND = "codebook"  # the weight kind's name in file headers and module registries
+    META_KEYS = ("format", "version", "shape", "block_size")  # a header entry's fields for `meta`
+
     @property
     def k(self) -> int:
         return self.centroids.shape[0]
@@ -228,6 +231,11 @@ class CodebookWeight:
                 "shape": list(self.shape), "block_size": self.block_size}
 
     @classmethod
+    def tensor_names_for(cls, meta: dict[str, Any], name: str = "weight") -> tuple[str, ...]:
+        """The tensors a codebook weight stores (the same for every codebook)."""
+        return ("centroids", "assignments")
+
+    @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                      name: str = "weight") -> "CodebookWeight":
         """Rebuild from `tensors()` and `meta()`; checks names, version, shapes and dtypes."""
@@ -240,9 +248,16 @@ class CodebookWeight:
         if missing or extra:
             raise CodebookError(f"{name}: expected tensors ['assignments', 'centroids'], missing "
                                 f"{sorted(missing)}, unexpected {sorted(extra)}")
-        cw = cls(tensors["centroids"], tensors["assignments"], tuple(meta["shape"]),
-                 meta["block_size"])
+        shape = meta.get("shape")
+        if not isinstance(shape, (list, tuple)) or not shape or not all(
+                type(d) is int and d > 0 for d in shape):
+            raise CodebookError(f"{name}: shape must be positive integers, found {shape!r:.80}")
+        if any(tensors[t] is None for t in ("centroids", "assignments")):
+            raise CodebookError(f"{name}: centroids and assignments must both be present")
+        cw = cls(tensors["centroids"], tensors["assignments"], tuple(shape), meta.get("block_size"))
         cw.check(name)
+        if not cw.centroids.is_meta and not bool(torch.isfinite(cw.centroids).all()):
+            raise CodebookError(f"{name}.centroids: centroids must be finite")
         return cw
 
     def check(self, name: str = "weight") -> None:
@@ -258,7 +273,7 @@ class CodebookWeight:
         if tuple(a.shape) != want or a.dtype != torch.uint8:
             raise CodebookError(f"{name}.assignments: expected {want} torch.uint8 for k={self.k}, "
                                 f"found {tuple(a.shape)} {a.dtype}")
-        if a.numel() and int(self.indices().max()) >= self.k:
+        if a.numel() and not a.is_meta and int(self.indices().max()) >= self.k:
             raise CodebookError(f"{name}.assignments: index {int(self.indices().max())} >= k={self.k}")
 
 

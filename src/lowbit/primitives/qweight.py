@@ -34,6 +34,7 @@ class QuantizedWeight:
     shape: tuple[int, ...]
 
     KIND = "affine"  # the weight kind's name in file headers and module registries
+    META_KEYS = ("spec", "shape")  # a header entry's fields for `meta`
 
     @staticmethod
     def tensor_names(spec: QuantSpec) -> tuple[str, ...]:
