@@ -122,7 +122,7 @@ def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, 
         if w.is_meta:
             raise QuantizationError(f"{name}: weights are on the meta device; load real weights "
                                     "before quantizing")
-        qw = ALGORITHMS[rule.method](w, rule.spec, name, (stats or {}).get(name))
+        qw = ALGORITHMS[rule.method](w, rule.spec, name, (stats or {}).get(name), **dict(rule.options))
         db = sqnr_db(w, qw.dequantize())
     else:
         qw, db = weights[name], (sqnr or {}).get(name)

@@ -5,6 +5,7 @@ import math
 import os
 
 from .io.reader import read_file, weights_path
+from .provenance import describe
 from .spec import QuantSpec
 from .textable import text_table
 
@@ -31,4 +32,4 @@ def inspect_table(path: str | os.PathLike) -> str:
             f"(fp32: {float_bytes / 1e6:.2f} MB, {q_bytes / max(float_bytes, 1):.3f}x); "
             f"file {target.stat().st_size / 1e6:.2f} MB; format {doc['format_version']}; "
             f"lowbit {prov.get('lowbit_version', '?')}, torch {prov.get('torch_version', '?')}; "
-            f"side files verified: {len(doc['files'])}")
+            f"side files verified: {len(doc['files'])}\n{describe(prov)}")
