@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import lm_cli
 from .spec import VALID_FORMS
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize Embedding layers with this scheme (e.g. w8r)")
     q.add_argument("--allow-empty", action="store_true",
                    help="write the model even when nothing matched (otherwise an error)")
+    lm_cli.add_quantize_flags(q)  # --method --calibration --samples --seq-len --sequential --damp
     i = sub.add_parser("inspect", help="per-layer table of a lowbit folder or file")
     i.add_argument("path")
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=5, help="timing rounds (batch-1 uses 6x as many)")
     d.add_argument("--threads", type=int, default=None, help="torch threads (1 gives the steadiest timings)")
     d.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
+    lm_cli.add_eval_parser(sub)  # lowbit eval PATH --task lm --text FILE
     from .tables.cli import add_parser as add_table_parser  # lowbit table build|inspect|lookup|push
     add_table_parser(sub)
     return p
@@ -45,7 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_dir(out)  # before the (long) quantization, not after it
     src = resolve_model_dir(args.path)
-    model, _ = load_transformers(src)
+    model, tok = load_transformers(src)
     scheme = args.scheme
     if args.embeddings:
         rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore)),
@@ -53,7 +56,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
     else:
         targets, ignore = args.targets, args.ignore
-    api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True)
+    api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
+                 **lm_cli.quantize_kwargs(args, tok))
     path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -86,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo,
+    handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "eval": lm_cli.cmd_eval,
                "table": lambda a: a.table_func(a)}[args.command]
     try:
         return handler(args)
