@@ -97,16 +97,22 @@ def table(args) -> None:
     stats, calib_s = None, 0.0
     if not args.sequential:
         p = plan(model, make_recipe(args.rows[0], method="gptq"))
+        before = rss_mb()
+        reset_peak()
         t0 = time.perf_counter()
         stats = calibrate_for(model, p, data, progress=False)
         calib_s = time.perf_counter() - t0
-        print(f"calibration (Hessians of {len(stats)} layers, shared by the rows): {calib_s:.1f} s")
+        print(f"calibration (Hessians of {len(stats)} layers, shared by the rows): {calib_s:.1f} s; "
+              f"peak RSS {peak_rss_mb():.0f} MiB (+{peak_rss_mb() - before:.0f} over the "
+              f"{before:.0f} MiB before it; float model {model_mb(model):.0f} MiB)")
     print(f"{'row':<8}{'scheme':<12}{'RTN ppl':>9}{'x fp32':>8}{'GPTQ ppl':>10}{'x fp32':>8}"
-          f"{'RTN s':>7}{'GPTQ s':>8}", flush=True)
+          f"{'RTN s':>7}{'GPTQ s':>8}{'GPTQ +MiB':>10}", flush=True)
     for row in args.rows:
         out = {}
         for method in ("rtn", "gptq"):
             q = copy.deepcopy(model)
+            before = rss_mb()
+            reset_peak()
             t0 = time.perf_counter()
             opts = {"damp": args.damp} if method == "gptq" else None
             if method == "gptq" and args.sequential:
@@ -115,11 +121,17 @@ def table(args) -> None:
                 apply(q, plan(q, make_recipe(row, method=method, method_options=opts)),
                       stats=stats if method == "gptq" else None)
             secs = time.perf_counter() - t0 + (calib_s if method == "gptq" else 0.0)
+            grew = peak_rss_mb() - before  # peak over the RSS with the float copy loaded
             out[method] = (ppl(q, ids), secs)
             del q
         (r, rs), (g, gs) = out["rtn"], out["gptq"]
-        print(f"{row:<8}{row:<12}{r:>9.2f}{r / base:>8.2f}{g:>10.2f}{g / base:>8.2f}{rs:>7.1f}{gs:>8.1f}",
+        print(f"{row:<8}{row:<12}{r:>9.2f}{r / base:>8.2f}{g:>10.2f}{g / base:>8.2f}{rs:>7.1f}{gs:>8.1f}{grew:>10.0f}",
               flush=True)
+
+
+def model_mb(model) -> float:
+    """Bytes of the model's parameters and buffers (a tied head counted once), MiB."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
 
 
 def reset_peak() -> None:
@@ -143,7 +155,7 @@ def rss_mb() -> float:
 def memory(args) -> None:
     model, tok = (load_smollm2() if args.layers_one is None else (tiny_llama(args.layers_one), None))
     data = calibration(tok, args.samples, args.seq_len) if tok is not None else random_batches(args)
-    float_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    float_mb = model_mb(model)
     before = rss_mb()
     reset_peak()
     t0 = time.perf_counter()
