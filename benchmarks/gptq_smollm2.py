@@ -108,7 +108,7 @@ def table(args) -> None:
         print(f"calibration (Hessians of {len(stats)} layers, shared by the rows): {calib_s:.1f} s; "
               f"peak RSS {peak_rss_mb():.0f} MiB (+{peak_rss_mb() - before:.0f} over the "
               f"{before:.0f} MiB before it; float model {model_mb(model):.0f} MiB)")
-    print(f"{'row':<8}{'scheme':<12}{'RTN ppl':>9}{'x fp32':>8}{'GPTQ ppl':>10}{'x fp32':>8}"
+    print(f"{'row':<11}{'RTN ppl':>10}{'x fp32':>8}{'GPTQ ppl':>10}{'x fp32':>8}"
           f"{'RTN s':>7}{'GPTQ s':>8}{'GPTQ +MiB':>10}", flush=True)
     for row in args.rows:
         out = {}
@@ -128,7 +128,7 @@ def table(args) -> None:
             out[method] = (ppl(q, ids), secs)
             del q
         (r, rs), (g, gs) = out["rtn"], out["gptq"]
-        print(f"{row:<8}{row:<12}{r:>9.2f}{r / base:>8.2f}{g:>10.2f}{g / base:>8.2f}{rs:>7.1f}{gs:>8.1f}{grew:>10.0f}",
+        print(f"{row:<11}{r:>10.2f}{r / base:>8.2f}{g:>10.2f}{g / base:>8.2f}{rs:>7.1f}{gs:>8.1f}{grew:>10.0f}",
               flush=True)
 
 
