@@ -52,12 +52,14 @@ def calibration_info(data: list) -> dict[str, Any]:
 
 
 def method_provenance(plan: Plan, data: list | None, sequential: bool) -> dict[str, Any]:
-    """The provenance entries of a quantization: ``method_options`` per method used (defaults
-    filled in), and for a data-driven one ``calibration`` and ``sequential``."""
+    """The provenance entries of a quantization: ``method_options`` per method used that has
+    options (defaults filled in; absent when none has), and for a data-driven method
+    ``calibration`` and ``sequential``."""
     options: dict[str, dict] = {}
     for rule in plan.layers.values():
         options.setdefault(rule.method, resolved_options(rule.method, dict(rule.options)))
-    out: dict[str, Any] = {"method_options": {m: o for m, o in options.items() if o}}
+    used = {m: o for m, o in options.items() if o}
+    out: dict[str, Any] = {"method_options": used} if used else {}
     if isinstance(data, list) and any(m in NEEDS_DATA for m in options):
         out.update(calibration=calibration_info(data), sequential=bool(sequential))
     return out
