@@ -24,17 +24,18 @@ DEFAULT_TARGETS = ("Linear",)
 
 
 def make_recipe(scheme: "str | QuantSpec | Scheme | Recipe", targets: Sequence[str] | None = None,
-                ignore: Sequence[str] = (), method: str = "rtn") -> Recipe:
+                ignore: Sequence[str] = (), method: str = "rtn", method_options: dict | None = None) -> Recipe:
     """A scheme plus targets/ignore -> a one-rule Recipe. Default targets (``targets=None``): every
     Linear except the model's output head; naming targets yourself quantizes exactly what they match."""
     if isinstance(scheme, Recipe):
-        if targets is not None or ignore:
-            raise RecipeError("pass targets/ignore inside the Recipe's rules, not next to it")
+        if targets is not None or ignore or method_options:
+            raise RecipeError("pass targets/ignore/method options inside the Recipe's rules, not next to it")
         return scheme
     if targets is not None and not isinstance(targets, str) and len(targets) == 0:
         raise RecipeError("targets is empty: pass targets=None for the default (every Linear but "
                           "the output head), or name what to quantize")
-    rule = Rule(DEFAULT_TARGETS if targets is None else targets, scheme, ignore, method)
+    rule = Rule(DEFAULT_TARGETS if targets is None else targets, scheme, ignore, method,
+                options=tuple((method_options or {}).items()))
     return Recipe((rule,), skip_output_head=targets is None)
 
 
@@ -46,14 +47,17 @@ def source_sha256(model: torch.nn.Module) -> str:
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
              data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
-             verbose: bool = True, progress: bool = False,
-             smooth: float | None = None) -> torch.nn.Module:
+             verbose: bool = True, progress: bool = False, sequential: bool = False,
+             method_options: dict | None = None, smooth: float | None = None) -> torch.nn.Module:
     """Quantize ``model`` in place and return it; prints what was quantized and skipped.
 
     ``data`` (an iterable of model inputs: tensors, tuples or dicts of tensors, or
     `lowbit.calibration.text_batches(...)`) is needed by methods that use calibration statistics
     (``method="gptq"``) and by static input quantization (``w8a8-static``); ``observer`` overrides
     the static input ranges' observer (minmax, ema, percentile, mse, histogram).
+    ``sequential=True`` calibrates and quantizes block by block (`lowbit.sequential`);
+    ``method_options`` sets the method's options (gptq: damp, act_order, block_size), recorded
+    with the calibration data's hash in the file's provenance (`lowbit.provenance`).
     ``smooth=alpha`` (in [0, 1], 0.5 in the paper) runs SmoothQuant (`lowbit.smooth.smooth`) on the
     planned layers before quantizing; it reads ``data`` more than once, so an iterator is read into
     a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
@@ -65,7 +69,8 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     """
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"model must be a torch.nn.Module, found {type(model).__name__}")
-    recipe = with_observer(make_recipe(scheme, targets, ignore, method), observer)
+    from . import provenance, sequential as seq
+    recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": source_sha256(model)}
@@ -73,17 +78,20 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
         source.update(targets=[targets] if isinstance(targets, str) else
                       (None if targets is None else list(targets)),
                       ignore=[ignore] if isinstance(ignore, str) else list(ignore))
+    data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
     if smooth is not None:
         data = materialize(data)
         model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
-    stats = calibrate_for(model, the_plan, data, progress)
-    report = apply(model, the_plan, stats=stats, progress=progress)
+    if sequential:
+        report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
+    else:
+        report = apply(model, the_plan, stats=calibrate_for(model, the_plan, data, progress), progress=progress)
     report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
     report.warnings += slow
     for w in slow:
         warnings.warn(w, stacklevel=2)
-    model.lowbit_source = source
+    model.lowbit_source = {**source, **provenance.method_provenance(the_plan, data, sequential)}
     model.lowbit_report = report
     if verbose:
         print(report, file=sys.stderr)

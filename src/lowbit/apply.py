@@ -133,7 +133,7 @@ def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, 
             raise QuantizationError(f"{name}: method {rule.method!r} takes its weights from "
                                     f"training (lowbit.qat.convert); post-training methods: "
                                     f"{sorted(ALGORITHMS)}")
-        qw = ALGORITHMS[rule.method](w, rule.spec, name, (stats or {}).get(name))
+        qw = ALGORITHMS[rule.method](w, rule.spec, name, (stats or {}).get(name), **dict(rule.options))
         db = weight_sqnr_db(w, qw)  # by row blocks: no full-size float temporaries
     else:
         qw, db = weights[name], (sqnr or {}).get(name)

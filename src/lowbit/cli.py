@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import ipq_cli
-from .spec import VALID_FORMS
+from . import ipq_cli, lm_cli
+from .spec import OBSERVERS, VALID_FORMS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize Embedding layers with this scheme (e.g. w8r)")
     q.add_argument("--allow-empty", action="store_true",
                    help="write the model even when nothing matched (otherwise an error)")
+    lm_cli.add_quantize_flags(q)  # --method --calibration --samples --seq-len --sequential --damp
+    q.add_argument("--observer", default=None, choices=OBSERVERS,
+                   help="w8a8-static: how input ranges are chosen from the calibration data")
+    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant before quantizing (needs --calibration; alpha in [0, 1], e.g. 0.5)")
     k = sub.add_parser("kernels", help="this CPU, and the kernel paths measured on it (cached)")
     k.add_argument("--refresh", action="store_true", help="forget the cached decisions of this host")
     k.add_argument("--threads", type=int, default=None, help="torch threads (decisions are per count)")
@@ -37,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("which", nargs="?", choices=["ctr"], default=None,
                    help="ctr: train a CTR model, serve it from fp32/8/4/2-bit tables, print AUC and speed")
     d.add_argument("--tables", default=None, help="ctr: serve from redis://host:port/db (default: local folders)")
+    lm_cli.add_eval_parser(sub)  # lowbit eval PATH --task lm --text FILE
     from .tables.cli import add_parser as add_table_parser  # lowbit table build|inspect|lookup|push
     add_table_parser(sub)
     from .serve.cli import add_parser as add_serve_parser  # lowbit serve DIR
@@ -55,7 +61,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_dir(out)  # before the (long) quantization, not after it
     src = resolve_model_dir(args.path)
-    model, _ = load_transformers(src)
+    model, tok = load_transformers(src)
     scheme = args.scheme
     if args.embeddings:
         rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore)),
@@ -63,7 +69,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
     else:
         targets, ignore = args.targets, args.ignore
-    api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True)
+    api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
+                 observer=args.observer, smooth=args.smooth, **lm_cli.quantize_kwargs(args, tok))
     path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -108,8 +115,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "kernels": cmd_kernels,
-               "table": lambda a: a.table_func(a), "serve": lambda a: a.serve_func(a),
-               "ipq": ipq_cli.cmd_ipq}[args.command]
+               "eval": lm_cli.cmd_eval, "table": lambda a: a.table_func(a),
+               "serve": lambda a: a.serve_func(a), "ipq": ipq_cli.cmd_ipq}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS, check_options
 from .errors import RecipeError, SchemeError
 from .nn import float_classes, quantized_class
 from .primitives.affine import as_2d, group_mismatch
@@ -35,6 +35,7 @@ class Rule:
     ignore: tuple[str, ...] = ()
     method: str = "rtn"
     input_spec: ActSpec | None = None
+    options: tuple[tuple[str, object], ...] = ()  # the method's options (e.g. GPTQ's damp), sorted pairs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _names(self.targets, "targets"))
@@ -57,6 +58,11 @@ class Rule:
         if self.method not in tuple(ALGORITHMS) + TRAINED_METHODS:
             raise RecipeError(f"unknown method {self.method!r}; available: {tuple(ALGORITHMS)} (and "
                               f"{TRAINED_METHODS} for weights from lowbit.qat.convert)")
+        try:
+            opts = check_options(self.method, dict(self.options))
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(str(exc)) from None
+        object.__setattr__(self, "options", tuple(sorted(opts.items())))
 
     @property
     def scheme(self) -> Scheme:
@@ -69,7 +75,8 @@ class Rule:
     def to_dict(self) -> dict:
         return {"targets": list(self.targets), "ignore": list(self.ignore),
                 "spec": self.spec.to_dict(), "method": self.method,
-                "input_spec": None if self.input_spec is None else self.input_spec.to_dict()}
+                "input_spec": None if self.input_spec is None else self.input_spec.to_dict(),
+                **({"options": dict(self.options)} if self.options else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
@@ -78,7 +85,8 @@ class Rule:
         try:
             act = d.get("input_spec")
             return cls(tuple(d["targets"]), QuantSpec.from_dict(d["spec"]), tuple(d.get("ignore", ())),
-                       d.get("method", "rtn"), None if act is None else ActSpec.from_dict(act))
+                       d.get("method", "rtn"), None if act is None else ActSpec.from_dict(act),
+                       tuple(dict(d.get("options") or {}).items()))
         except SchemeError as exc:
             raise RecipeError(f"bad rule {d!r:.200}: {exc}") from None
 

@@ -5,6 +5,7 @@ import math
 import os
 
 from .io.reader import read_file, weights_path
+from .provenance import describe
 from .spec import QuantSpec
 from .textable import text_table
 
@@ -30,7 +31,7 @@ def inspect_table(path: str | os.PathLike) -> str:
     table = text_table(("layer", "class", "scheme", "shape", "bytes", "bits/w", "SQNR dB"), rows,
                        (False, False, False, False, True, True, True))
     prov = doc["provenance"]
-    return (f"{table}\n{len(doc['layers'])} quantized layers: {q_bytes / 1e6:.2f} MB "
+    return (f"{table}\n{describe(prov)}\n{len(doc['layers'])} quantized layers: {q_bytes / 1e6:.2f} MB "
             f"(fp32: {float_bytes / 1e6:.2f} MB, {q_bytes / max(float_bytes, 1):.3f}x); "
             f"file {target.stat().st_size / 1e6:.2f} MB; format {doc['format_version']}; "
             f"lowbit {prov.get('lowbit_version', '?')}, torch {prov.get('torch_version', '?')}; "
