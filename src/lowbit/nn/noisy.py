@@ -2,7 +2,7 @@
 2004.07320). Each is a subclass of the float class holding the very same Parameters (so the
 state dict, its keys and the optimizer's references are unchanged); `forward` computes a noisy
 weight out of place (`algorithms.quant_noise`) while ``training`` and passes it to the functional
-op. ``eval()`` runs the plain float layer. Built and removed by `lowbit.noise` via `apply.swap_modules`.
+op. ``module.eval()`` runs the plain float layer. Built and removed by `lowbit.noise` via `apply.swap_modules`.
 """
 from __future__ import annotations
 
