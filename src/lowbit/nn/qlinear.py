@@ -10,7 +10,7 @@ from ..primitives import QuantizedWeight
 from ..spec import ActSpec
 from .base import QuantizedModule
 from .registry import register
-from .selection import choose_path, shape_key, timing_input
+from .selection import choose_path, timing_input
 
 
 @register(torch.nn.Linear, "affine")
@@ -63,7 +63,7 @@ class QLinear(QuantizedModule):
     def path_for(self, rows: int) -> str:
         if self.force_path:
             return self.force_path
-        return choose_path(self, shape_key(self), rows) if rows else self._available[-1]
+        return choose_path(self, rows) if rows else self._available[-1]
 
     def candidates(self) -> dict[str, Callable[[int], Any]]:
         """The available paths as callables of a row count (what the selector times)."""

@@ -21,7 +21,7 @@ from ..primitives import QuantizedWeight
 from ..spec import ActSpec, QuantSpec
 from .base import QuantizedModule
 from .registry import register
-from .selection import choose_path, shape_key, timing_input
+from .selection import choose_path, timing_input
 
 
 def a8_unsupported(spec: QuantSpec) -> str | None:
@@ -100,7 +100,7 @@ class QLinearA8(_A8Mixin, QuantizedModule):
     def path_for(self, rows: int) -> str:
         if self.force_path:
             return self.force_path
-        return choose_path(self, shape_key(self), rows)
+        return choose_path(self, rows)
 
     def set_path(self, path: str | None) -> None:
         if path is not None and path not in self.candidates():

@@ -33,12 +33,13 @@ def shape_key(module: torch.nn.Module) -> str:
     return shape_class(mode, spec.bits, spec.group_size, rows, cols)
 
 
-def choose_path(module: torch.nn.Module, key: str, rows: int) -> str:
-    """The path for ``rows`` rows: the layer's remembered choice for the bucket, else the
-    selector's (which may time the layer's `candidates()` once)."""
+def choose_path(module: torch.nn.Module, rows: int) -> str:
+    """The path for ``rows`` rows: the layer's remembered choice for the bucket (the per-call
+    cost), else the selector's (which may time the layer's `candidates()` once)."""
     bucket, _ = row_bucket(rows)
     path = module._paths.get(bucket)
     if path is None:
+        key = shape_key(module)
         candidates = module.candidates()
         if len(candidates) == 1:
             path = next(iter(candidates))
