@@ -18,6 +18,15 @@ from ..primitives import QuantizedWeight
 from ..spec import ActSpec, QuantSpec
 
 
+def check_ids(flat: torch.Tensor, num_embeddings: int) -> None:
+    """Embedding ids outside ``[0, num_embeddings)`` raise `IndexError`, as `nn.Embedding` does
+    (a negative id would otherwise wrap around to the last rows)."""
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_embeddings):
+        bad = flat[(flat < 0) | (flat >= num_embeddings)][0]
+        raise IndexError(f"index {int(bad)} is out of range for an embedding table of "
+                         f"{num_embeddings} rows")
+
+
 class QuantizedModule(torch.nn.Module):
     """Holds the weight kind's tensors (``qdata``, ``scale``, ``zero_point`` for affine weights) as
     buffers, plus spec, input spec, method and the SQNR measured when quantized (None if unknown)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..kernels import pq
 from ..primitives.codebook import CodebookError, CodebookWeight, unpack_assignments
 from ..spec import ActSpec
-from .base import QuantizedModule
+from .base import QuantizedModule, check_ids
 from .registry import register
 
 
@@ -275,10 +275,7 @@ class PQEmbedding(PQModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            bad = flat[(flat < 0) | (flat >= self.num_embeddings)][0]
-            raise IndexError(f"index {int(bad)} is out of range for an embedding table of "
-                             f"{self.num_embeddings} rows")
+        check_ids(flat, self.num_embeddings)
         rows = unpack_assignments(self.assignments[flat], self.centroids.shape[0])  # (n, n_blocks)
         out = F.embedding(rows, self.centroids.float())  # (n, n_blocks, block_size)
         return out.reshape(*ids.shape, self.embedding_dim).to(self.compute_dtype)

@@ -7,7 +7,7 @@ from ..primitives import QuantizedWeight
 from ..primitives.affine import dequantize_codes
 from ..primitives.packing import unpack
 from ..spec import ActSpec
-from .base import QuantizedModule
+from .base import QuantizedModule, check_ids
 from .registry import register
 
 
@@ -38,10 +38,7 @@ class QEmbedding(QuantizedModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            bad = flat[(flat < 0) | (flat >= self.num_embeddings)][0]
-            raise IndexError(f"index {int(bad)} is out of range for an embedding table of "
-                             f"{self.num_embeddings} rows")
+        check_ids(flat, self.num_embeddings)
         q = unpack(self.qdata[flat], self.spec.bits, self.embedding_dim)  # (n, dim)
         scale, zp = self._rows(self.scale, flat), self._rows(self.zero_point, flat)  # (n, G)
         rows, groups = q.shape[0], scale.shape[1]
