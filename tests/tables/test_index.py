@@ -30,6 +30,6 @@ def test_overflowing_buckets_fall_back_to_binary_search():
     home = probe._home(cand)
     keys = np.sort(np.concatenate([cand[home == 0][:WAYS + 4], cand[home != 0][:52 - WAYS]]))
     idx = KeyIndex(keys)
-    assert idx.overflow == 4  # bucket 0 got 12 keys for 8 slots
+    assert idx.overflow == 4  # bucket 0 got WAYS + 4 keys for WAYS slots
     pos, ok = idx.find(keys)
     assert ok is None and np.array_equal(pos, np.arange(keys.size))
