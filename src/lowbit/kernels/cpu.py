@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from ..primitives import QuantizedWeight
 from ..primitives.affine import implicit_zero_point
+from ..spec import QuantSpec
+from .layout import Codes, codes_of, write_codes
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 PATHS = ("int4mm", "int8mm", "bf16", "f32", "ref")
@@ -63,8 +65,14 @@ def available_paths(qw: QuantizedWeight) -> tuple[str, ...]:
 def f32_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset (rows, n_groups) in fp32 with ``w = q * scale + offset``; a zero point is
     uint8 codes (the "int" form) or floats (the "float" form), both read as fp32."""
-    zp = float(implicit_zero_point(qw.spec)) if qw.zero_point is None else qw.zero_point.float()
-    scale = qw.scale.float()
+    return f32_params_of(qw.scale, qw.zero_point, qw.spec)
+
+
+def f32_params_of(scale: torch.Tensor, zero_point: torch.Tensor | None,
+                  spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`f32_params` from the weight's parameters alone (a layer's codes may be in another layout)."""
+    zp = float(implicit_zero_point(spec)) if zero_point is None else zero_point.float()
+    scale = scale.float()
     return scale, -zp * scale
 
 
@@ -76,28 +84,27 @@ def unpack_fast(qdata: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(qdata.shape[0], -1)
 
 
-def dequant_f32(qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """(out, in) fp32 weight from packed 4/8-bit codes; twin of `QuantizedWeight.dequantize`.
+def dequant_f32(qw: QuantizedWeight | Codes, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(out, in) fp32 weight from 4/8-bit codes in any `kernels.layout` layout (a
+    `QuantizedWeight`: the file layout); twin of `QuantizedWeight.dequantize`.
 
-    The codes are written straight into the fp32 result (a 4-bit byte's two nibbles through two
-    strided copies), then scaled and offset in place: about 2.5x faster here than unpacking to a
-    uint8 tensor and letting a promoting multiply-add allocate the floats.
+    The codes are written straight into the fp32 result (`layout.write_codes`: for a file-layout
+    4-bit byte, its two nibbles through two strided copies), then scaled and offset in place: about
+    2.5x faster here than unpacking to a uint8 tensor and letting a promoting multiply-add
+    allocate the floats.
     """
-    out = torch.empty(qw.shape[0], qw.shape[1], dtype=torch.float32)
-    return dequant_rows_into(out, qw.qdata, qw.spec.bits, scale, offset)
+    codes = codes_of(qw)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    return dequant_rows_into(out, codes, 0, scale, offset)
 
 
-def dequant_rows_into(out: torch.Tensor, qdata: torch.Tensor, bits: int, scale: torch.Tensor,
+def dequant_rows_into(out: torch.Tensor, codes: Codes, r0: int, scale: torch.Tensor,
                       offset: torch.Tensor) -> torch.Tensor:
-    """Write ``q * scale + offset`` for the rows of packed 4/8-bit ``qdata`` into fp32 ``out``
-    (rows, cols); ``scale`` and ``offset`` are (rows, n_groups). Rows may be a slice of a weight."""
+    """Write ``q * scale + offset`` for rows [r0, r0 + out.shape[0]) of ``codes`` into fp32 ``out``
+    (rows, cols); ``scale`` and ``offset`` are those rows' (rows, n_groups); ``r0`` a multiple of
+    `layout.row_align`."""
     rows, cols = out.shape
-    if bits == 8:
-        out.copy_(qdata)
-    else:
-        pairs = out.view(rows, cols // 2, 2)
-        pairs[..., 0].copy_(qdata & 0x0F)
-        pairs[..., 1].copy_(qdata >> 4)
+    write_codes(out, codes, r0)
     grouped = out.view(rows, scale.shape[1], -1)  # (out, groups, group_len)
     grouped.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
     return out
@@ -133,7 +140,7 @@ def int8_linear(x2d: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> tor
     return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), w, scales)
 
 
-def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor,
+def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight | Codes, scale: torch.Tensor, offset: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x2d.float(), dequant_f32(qw, scale, offset), bias)
 

@@ -1,0 +1,137 @@
+"""One copy of the codes in memory (issue 6): kept layouts, their exact conversions, unchanged
+outputs on every path, the file layout on save, and the memory figure against the file's bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lowbit
+from lowbit.io.reader import read_file
+from lowbit.kernels import bf16, cpu, layout
+from lowbit.kernels.int8_dynamic import prepare_w8a8, w8a8_linear
+from lowbit.nn import QLinear
+from lowbit.nn.qlinear_a8 import QLinearA8
+from lowbit.primitives import quantize_weight
+from lowbit.report import model_tensor_bytes
+from lowbit.spec import ActSpec, parse_scheme
+
+# Issue 6's memory figure: a loaded model's tensors (parameters, buffers and derived kernel state)
+# total at most this many times the bytes of its file's tensors. Measured on the model below
+# (fp32 biases and an fp32 LayerNorm are in both): w4g128 1.06 (the kernel's bf16 scale and zero,
+# 4 bytes per group of 64 code bytes), w8 1.01; with both copies of the codes it was 2.0 / 2.0.
+MEMORY_RATIO = 1.1
+ROW_COUNTS = (1, 64)
+PACK_ROWS = (16, 48, 64, 80, 128, 208)  # full 64-row blocks, a tail, and both
+
+
+def weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("rows", PACK_ROWS)
+def test_int4_pack_converts_both_ways_exactly(rows):
+    qdata = torch.randint(0, 256, (rows, 64), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(rows))  # (rows, 128 / 2)
+    packed = layout.int4pack_from_file(qdata, (rows, 128))
+    assert torch.equal(layout.file_from_int4pack(packed, (rows, 128)), qdata)
+    want = torch.empty(rows, 128)
+    layout.write_codes(want, layout.Codes(qdata, "file", 4, (rows, 128)), 0)
+    got = torch.empty(rows, 128)
+    layout.write_codes(got, layout.Codes(packed, "int4pack", 4, (rows, 128)), 0)
+    assert torch.equal(got, want)
+    if rows > 64:  # a row block that starts at the second 64-row block
+        part = torch.empty(rows - 64, 128)
+        layout.write_codes(part, layout.Codes(packed, "int4pack", 4, (rows, 128)), 64)
+        assert torch.equal(part, want[64:])
+
+
+def test_int8_layout_converts_both_ways_exactly():
+    qdata = torch.arange(256, dtype=torch.uint8).repeat(3, 1)  # every code, (3, 256)
+    w = layout.int8_from_file(qdata)
+    assert w.dtype == torch.int8 and int(w[0, 0]) == -128 and int(w[0, 255]) == 127
+    assert torch.equal(layout.file_from_int8(w), qdata)
+    got = torch.empty(3, 256)
+    layout.write_codes(got, layout.Codes(w, "int8", 8, (3, 256)), 0)
+    assert torch.equal(got, qdata.float())
+
+
+def file_layout_outputs(qw, bias, x) -> dict[str, torch.Tensor]:
+    """Each path as the functions compute it from the file layout (what QLinear ran before it
+    kept one copy)."""
+    out = {"ref": cpu.ref_linear(x, qw, bias), "f32": cpu.f32_linear(x, qw, *cpu.f32_params(qw), bias),
+           "bf16": bf16.bf16_linear(x, qw, *cpu.f32_params(qw), bias)}
+    if cpu.int4_supported(qw):
+        packed, sz = cpu.prepare_int4(qw)
+        out["int4mm"] = torch.add(bias, cpu.int4_linear(x, packed, qw.spec.group_size, sz))
+    if cpu.int8_supported(qw):
+        out["int8mm"] = torch.add(bias, cpu.int8_linear(x, *cpu.prepare_int8(qw)))
+    return out
+
+
+@pytest.mark.parametrize("scheme,rows,kept", [("w4g128", 208, "int4pack"), ("w4g32", 48, "int4pack"),
+                                              ("w8", 80, "int8"), ("w4", 80, "file")])
+def test_every_path_unchanged_at_1_and_64_rows(scheme, rows, kept):
+    qw = quantize_weight(weight(rows, 256), parse_scheme(scheme))
+    bias = weight(1, rows, 1).reshape(-1)
+    layer = QLinear(qw, bias)
+    assert layer.layout == kept
+    assert torch.equal(layer.state_dict()["qdata"], qw.qdata)  # the file layout on save
+    for m in ROW_COUNTS:
+        x = weight(m, 256, 2 + m)
+        want = file_layout_outputs(qw, bias, x)
+        for path in layer._available + ("ref",):
+            layer.set_path(path)
+            assert torch.equal(layer(x), want[path]), f"{scheme} {path} M={m}"
+            tol = {"ref": 0.0, "f32": 1e-5}.get(path, 0.01)  # tests/parity/test_kernels.py budgets
+            err = (layer(x) - want["ref"]).abs().max() / want["ref"].abs().max()
+            assert err <= tol, f"{scheme} {path} M={m}: {err:.2e}"
+
+
+def test_w8a8_layer_keeps_only_the_int8_weight():
+    qw = quantize_weight(weight(64, 128), parse_scheme("w8"))
+    layer = QLinearA8(qw, None, input_spec=ActSpec())  # dynamic int8 inputs
+    assert layer.layout == "int8" and layer.qdata is layer._prepared["weight"]
+    assert torch.equal(layer.state_dict()["qdata"], qw.qdata)
+    x = weight(5, 128, 3)
+    layer.set_path("w8a8")
+    assert torch.equal(layer(x), w8a8_linear(x, prepare_w8a8(qw.qdata, qw.scale)))
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    assert layer.layout == "int8" and torch.equal(layer(x), w8a8_linear(x, prepare_w8a8(qw.qdata, qw.scale)))
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.LayerNorm(512), nn.Linear(512, 256),
+                         nn.GELU(), nn.Linear(256, 128))
+
+
+@pytest.mark.parametrize("scheme,kept", [("w4g128", "int4pack"), ("w8", "int8")])
+def test_loaded_model_holds_its_file_bytes_once(tmp_path, scheme, kept):
+    q = lowbit.quantize(tiny_model(), scheme, targets=["Linear"], verbose=False)
+    x = weight(3, 256, 5)
+    with torch.no_grad():
+        want = q(x)
+    path = lowbit.save(q, tmp_path / f"{scheme}.safetensors")
+    _, tensors = read_file(path)
+    file_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    for model in (q, lowbit.load(path, tiny_model())):
+        layers = [m for m in model.modules() if isinstance(m, QLinear)]
+        assert len(layers) == 3 and {m.layout for m in layers} == {kept}
+        assert model_tensor_bytes(model) <= MEMORY_RATIO * file_bytes, (
+            f"{scheme}: {model_tensor_bytes(model)} bytes held for a file of {file_bytes}")
+        with torch.no_grad():
+            assert torch.equal(model(x), want)
+
+
+def test_model_tensor_bytes_counts_shared_storage_once_and_derived_state():
+    lin = nn.Linear(8, 4, bias=False)  # 128 bytes
+    model = nn.Sequential(lin, nn.Linear(4, 8, bias=False))
+    model[1].weight = nn.Parameter(lin.weight.t())  # a view of the same storage
+    assert model_tensor_bytes(model) == 128
+    lin.cache = {"packed": (torch.zeros(10, dtype=torch.uint8),)}  # derived state in a dict
+    assert model_tensor_bytes(model) == 138
+    lin.view = lin.weight[:2]  # a view: no new bytes
+    assert model_tensor_bytes(model) == 138
+    with torch.device("meta"):
+        assert model_tensor_bytes(nn.Linear(1000, 1000)) == 0
