@@ -32,7 +32,7 @@ def bf16_supported(qw: QuantizedWeight) -> bool:
 
 
 def dequant_bf16(qw: QuantizedWeight | Codes, scale: torch.Tensor,
-                 offset: torch.Tensor) -> torch.Tensor:
+                 offset: torch.Tensor | None) -> torch.Tensor:
     """(out, in) bf16 weight from 4/8-bit codes in any `kernels.layout` layout and
     `cpu.f32_params`' scale and offset."""
     codes = codes_of(qw)
@@ -43,7 +43,8 @@ def dequant_bf16(qw: QuantizedWeight | Codes, scale: torch.Tensor,
     scratch = torch.empty(min(block, rows), cols, dtype=torch.float32)
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
-        part = dequant_rows_into(scratch[: r1 - r0], codes, r0, scale[r0:r1], offset[r0:r1])
+        part = dequant_rows_into(scratch[: r1 - r0], codes, r0, scale[r0:r1],
+                                 None if offset is None else offset[r0:r1])
         out[r0:r1].copy_(part)
     return out
 

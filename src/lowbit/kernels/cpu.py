@@ -84,7 +84,8 @@ def unpack_fast(qdata: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(qdata.shape[0], -1)
 
 
-def dequant_f32(qw: QuantizedWeight | Codes, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def dequant_f32(qw: QuantizedWeight | Codes, scale: torch.Tensor,
+                offset: torch.Tensor | None) -> torch.Tensor:
     """(out, in) fp32 weight from 4/8-bit codes in any `kernels.layout` layout (a
     `QuantizedWeight`: the file layout); twin of `QuantizedWeight.dequantize`.
 
@@ -99,15 +100,25 @@ def dequant_f32(qw: QuantizedWeight | Codes, scale: torch.Tensor, offset: torch.
 
 
 def dequant_rows_into(out: torch.Tensor, codes: Codes, r0: int, scale: torch.Tensor,
-                      offset: torch.Tensor) -> torch.Tensor:
+                      offset: torch.Tensor | None) -> torch.Tensor:
     """Write ``q * scale + offset`` for rows [r0, r0 + out.shape[0]) of ``codes`` into fp32 ``out``
     (rows, cols); ``scale`` and ``offset`` are those rows' (rows, n_groups); ``r0`` a multiple of
-    `layout.row_align`."""
+    `layout.row_align`. ``offset`` None (int8 layout, see `offset_free`): ``(q - 128) * scale``."""
     rows, cols = out.shape
-    write_codes(out, codes, r0)
+    write_codes(out, codes, r0, signed=offset is None)
     grouped = out.view(rows, scale.shape[1], -1)  # (out, groups, group_len)
-    grouped.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
+    grouped.mul_(scale.unsqueeze(-1))
+    if offset is not None:
+        grouped.add_(offset.unsqueeze(-1))
     return out
+
+
+def offset_free(spec: QuantSpec) -> bool:
+    """Whether ``(q - 128) * scale`` equals ``q * scale + offset`` bit for bit (8-bit symmetric,
+    16-bit float scales): ``q * scale`` (8 x 11 significant bits) and ``-128 * scale`` are exact
+    in fp32, and so is their sum ``(q - 128) * scale``, so the fp32 path's rounding is none at
+    all. The int8 layout then skips the ``+ 128`` and the offset pass."""
+    return spec.bits == 8 and spec.symmetric and spec.scale_dtype in ("float16", "bfloat16")
 
 
 def prepare_int4(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +151,8 @@ def int8_linear(x2d: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> tor
     return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), w, scales)
 
 
-def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight | Codes, scale: torch.Tensor, offset: torch.Tensor,
+def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight | Codes, scale: torch.Tensor,
+               offset: torch.Tensor | None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x2d.float(), dequant_f32(qw, scale, offset), bias)
 

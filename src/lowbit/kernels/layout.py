@@ -52,15 +52,16 @@ def row_align(codes: Codes) -> int:
     return INT4_BLOCK if codes.layout == "int4pack" else 1
 
 
-def write_codes(out: torch.Tensor, codes: Codes, r0: int) -> torch.Tensor:
-    """Write the code values of rows [r0, r0 + out.shape[0]) as floats into ``out`` (rows, K).
+def write_codes(out: torch.Tensor, codes: Codes, r0: int, signed: bool = False) -> torch.Tensor:
+    """Write the code values of rows [r0, r0 + out.shape[0]) as floats into ``out`` (rows, K);
+    ``signed`` (int8 layout only): ``q - 128`` instead, as stored.
 
     ``r0`` is a multiple of `row_align`; the rows end at a block boundary or at N."""
     rows, cols = out.shape
     data = codes.data
-    if codes.layout == "int8":
-        out.copy_(data[r0:r0 + rows])
-        return out.add_(128.0)  # exact: integers below 2**24
+    if codes.layout == "int8":  # q = w + 128: flipping the sign bit of w's byte gives q's byte
+        part = data[r0:r0 + rows]
+        return out.copy_(part if signed else part.view(torch.uint8) ^ 0x80)
     if codes.layout == "file":
         if codes.bits == 8:
             return out.copy_(data[r0:r0 + rows])
@@ -116,8 +117,9 @@ def int8_from_file(qdata: torch.Tensor) -> torch.Tensor:
 
 
 def file_from_int8(w: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (N, K) = w + 128: the exact inverse of `int8_from_file`."""
-    return (w.to(torch.int16) + 128).to(torch.uint8)
+    """uint8 codes (N, K) = w + 128 (the sign bit of each byte flipped): the exact inverse of
+    `int8_from_file`."""
+    return w.view(torch.uint8) ^ 0x80
 
 
 def to_file(codes: Codes, file_shape: tuple[int, int]) -> torch.Tensor:

@@ -41,7 +41,7 @@ class QLinear(QuantizedModule):
     def _derive(self) -> None:
         qw = self.qweight  # file layout (derived from the kept one after a cast or move)
         self._available = cpu.available_paths(qw)
-        self._k_weight = self._k_scales = None
+        self._k_weight = self._k_scales = self._f32 = None
         if "int4mm" in self._available:
             self._k_weight, self._k_scales = cpu.prepare_int4(qw)
             if layout.keep_int4pack(self._k_weight, qw.qdata, self.codes.shape):
@@ -49,17 +49,20 @@ class QLinear(QuantizedModule):
         elif "int8mm" in self._available:
             self._k_weight, self._k_scales = cpu.prepare_int8(qw)
             self._keep_codes(self._k_weight, "int8")
-        per_row = self.scale.shape[-1] == 1
-        self._f32 = cpu.f32_params(qw) if per_row else None
+        self._f32 = self._f32_params() if self.scale.shape[-1] == 1 else None  # per row: cache
         self._paths: dict[str, str] = {}
 
     def _derive_none(self) -> None:
         self._available, self._paths = ("ref",), {}
         self._k_weight = self._k_scales = self._f32 = None
 
-    def _f32_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._f32 is not None:
+    def _f32_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 scale and offset of the dequantizing paths; no offset where the int8 layout gives
+        the same floats without it (`cpu.offset_free`: one pass less)."""
+        if getattr(self, "_f32", None) is not None:
             return self._f32
+        if self.layout == "int8" and cpu.offset_free(self.spec):
+            return self.scale.float(), None
         return cpu.f32_params_of(self.scale, self.zero_point, self.spec)
 
     @classmethod
