@@ -137,3 +137,31 @@ def test_model_tensor_bytes_counts_shared_storage_once_and_derived_state():
     assert model_tensor_bytes(model) == 138
     with torch.device("meta"):
         assert model_tensor_bytes(nn.Linear(1000, 1000)) == 0
+
+
+def test_a_module_under_two_names_is_saved_tied():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    q = lowbit.quantize(nn.Sequential(lin, nn.ReLU(), lin.__class__(128, 256), nn.ReLU(), lin),
+                        "w4g128", targets=["Linear"], verbose=False)
+    assert q[0] is q[4] and q[0].layout == "int4pack"
+    state = q.state_dict()
+    assert state["0.qdata"] is state["4.qdata"]
+    assert torch.equal(q.state_dict(destination={})["0.qdata"], state["0.qdata"])  # a plain dict too
+
+
+@pytest.mark.parametrize("scheme", ["w4g128", "w8"])
+def test_casts_meta_skeletons_and_partial_loads_keep_one_copy(scheme):
+    qw = quantize_weight(weight(128, 256), parse_scheme(scheme))
+    layer, x = QLinear(qw, None), weight(4, 256, 7)
+    kept, want = layer.layout, layer(x)
+    layer.half().float()  # a cast keeps the codes (and the layout)
+    assert layer.layout == kept and torch.equal(layer(x), want)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict({"scale": state["scale"]}, strict=False)  # no codes arrive: kept as is
+    assert layer.layout == kept and torch.equal(layer(x), want)
+    skeleton = layer.to("meta")
+    assert skeleton.qdata.is_meta and tuple(skeleton.state_dict()["qdata"].shape) == tuple(qw.qdata.shape)
+    skeleton.to_empty(device="cpu").load_state_dict(state)
+    assert skeleton.layout == kept and torch.equal(skeleton(x), want)
+    assert torch.equal(skeleton.state_dict()["qdata"], qw.qdata)

@@ -127,9 +127,14 @@ class QuantizedModule(torch.nn.Module):
         return QuantizedWeight(self.qdata, self.scale, self.zero_point, self.spec, self.weight_shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """The file layout of the codes, derived once per `state_dict` call: a module reached
+        under two names gives the very same tensor twice, so saving still finds the tie."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if getattr(self, "layout", "file") != "file" and prefix + "qdata" in destination:
-            destination[prefix + "qdata"] = self.file_qdata()
+            memo = getattr(destination, "__dict__", {}).setdefault("_lowbit_file_codes", {})
+            if id(self) not in memo:
+                memo[id(self)] = self.file_qdata()
+            destination[prefix + "qdata"] = memo[id(self)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if getattr(self, "layout", "file") != "file" and prefix + "qdata" in state_dict:
