@@ -47,6 +47,29 @@ def test_int4_pack_converts_both_ways_exactly(rows):
         assert torch.equal(part, want[64:])
 
 
+# Golden bytes of the int4 pack (kernels.layout's diagram), derived by hand from the diagram:
+# 16 rows (one tail block), q[n, 0] = n, q[n, 1] = n + 3 (mod 16): bytes (K, 8), row pairs
+# (2d, 2d+1) -> low | high << 4.
+TAIL_BYTES = [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE,
+              0x43, 0x65, 0x87, 0xA9, 0xCB, 0xED, 0x0F, 0x21]
+# 64 rows (one full block), q[n, 0] = n // 4, q[n, 1] = 15 - n // 4: bytes (K, 32), rows (j, j+32)
+# -> {flat index: byte}
+FULL_BYTES = {0: 0x80, 4: 0x91, 31: 0xF7, 32: 0x7F, 63: 0x08}
+
+
+def test_int4_pack_golden_bytes():
+    n = torch.arange(16)
+    q = torch.stack((n % 16, (n + 3) % 16), dim=1).to(torch.uint8)  # (16, 2) codes
+    file_bytes = q[:, 0] | (q[:, 1] << 4)  # (16,) one byte per row: the file layout
+    packed = layout.int4pack_from_file(file_bytes.reshape(16, 1), (16, 2))
+    assert packed.reshape(-1).tolist() == TAIL_BYTES
+    assert torch.equal(layout.file_from_int4pack(packed, (16, 2)), file_bytes.reshape(16, 1))
+    n = torch.arange(64)
+    q = torch.stack((n // 4, 15 - n // 4), dim=1).to(torch.uint8)  # (64, 2)
+    packed = layout.int4pack_from_file((q[:, 0] | (q[:, 1] << 4)).reshape(64, 1), (64, 2))
+    assert {i: int(packed.reshape(-1)[i]) for i in FULL_BYTES} == FULL_BYTES
+
+
 def test_int8_layout_converts_both_ways_exactly():
     qdata = torch.arange(256, dtype=torch.uint8).repeat(3, 1)  # every code, (3, 256)
     w = layout.int8_from_file(qdata)
