@@ -13,7 +13,8 @@ Paths:
   ``bf16``    4/8-bit codes dequantized to bf16, bf16 GEMM (`kernels.bf16`)
   ``f32``     4/8-bit codes written straight into an fp32 weight, scaled in place, fp32 matmul
   ``ref``     dequantize with `primitives` (the reference twin), fp32 matmul: 2/3/5/6/7-bit
-Each fast path is parity-tested against its reference (tests/parity).
+Each fast path is parity-tested against its reference (tests/parity). ``bf16`` and ``f32`` take
+the codes in any `kernels.layout` layout (a layer keeps one copy, in its packed kernel's layout).
 """
 from __future__ import annotations
 
