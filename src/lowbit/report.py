@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import os
 
+import torch
+
 from .io.reader import read_file, weights_path
 from .provenance import describe
 from .spec import QuantSpec
@@ -36,3 +38,42 @@ def inspect_table(path: str | os.PathLike) -> str:
             f"file {target.stat().st_size / 1e6:.2f} MB; format {doc['format_version']}; "
             f"lowbit {prov.get('lowbit_version', '?')}, torch {prov.get('torch_version', '?')}; "
             f"side files verified: {len(doc['files'])}")
+
+
+def model_tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor a model holds: parameters, buffers (persistent or not) and derived
+    kernel state (tensors in module attributes, also inside dicts, lists and tuples: packed
+    weights, kernel scales, prepared forms, caches). Storage shared by several tensors (views,
+    aliases, tied weights) counts once, whole; meta tensors count nothing.
+
+    The memory figure of issue 6 compares this with the bytes of the saved file's tensors."""
+    seen: dict[tuple, int] = {}
+    for module in model.modules():
+        found = list(module._parameters.values()) + list(module._buffers.values())
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                found.extend(_tensors_in(value, depth=2))
+        for t in found:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                seen.update([_storage_entry(t)])
+    return sum(seen.values())
+
+
+def _tensors_in(value, depth: int) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth and isinstance(value, dict):
+        value = list(value.values())
+    if depth and isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v, depth - 1)]
+    return []
+
+
+def _storage_entry(t: torch.Tensor) -> tuple[tuple, int]:
+    """(key, bytes) of the storage behind ``t``; opaque tensors (oneDNN-packed weights) have no
+    storage to share and count by their own size."""
+    try:
+        storage = t.untyped_storage()
+        return ("storage", storage.data_ptr(), t.device.type), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return ("opaque", id(t)), t.numel() * t.element_size()

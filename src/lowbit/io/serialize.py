@@ -19,6 +19,7 @@ from .atomic import replace_folder, write_file
 from .hfconfig import quantization_config_dict
 from .format import FORMAT_VERSION, WEIGHTS_NAME, dedupe_tied, encode_header, file_sha256, tensors_sha256
 from .reader import read_file, read_header, weights_path
+from .memory import release_freed_memory
 from .restore import load_into, rebuild_model
 from .skeleton import read_shards, shard_files
 from .schema import check_side_name
@@ -147,6 +148,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     elif not isinstance(model, torch.nn.Module):
         raise LowbitError(f"model must be a torch.nn.Module skeleton, found {type(model).__name__}")
     load_into(model, doc, tensors, str(target))
+    del tensors  # the file's forms of the codes: each layer now holds its kept layout only
+    release_freed_memory()
     model.lowbit_source = {k: v for k, v in doc["provenance"].items()
                            if k in ("scheme", "method", "source_sha256", "targets", "ignore",
                                     "method_options", "calibration", "sequential")}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..primitives import QuantizedWeight
 from .cpu import dequant_rows_into
+from .layout import Codes, codes_of, row_align
 
 CHUNK_ELEMENTS = 1 << 20  # fp32 scratch of 4 MiB
 
@@ -30,22 +31,26 @@ def bf16_supported(qw: QuantizedWeight) -> bool:
             and (s.bits == 8 or qw.shape[1] % 2 == 0))
 
 
-def dequant_bf16(qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """(out, in) bf16 weight from packed 4/8-bit codes and `cpu.f32_params`' scale and offset."""
-    rows, cols = qw.shape
+def dequant_bf16(qw: QuantizedWeight | Codes, scale: torch.Tensor,
+                 offset: torch.Tensor | None) -> torch.Tensor:
+    """(out, in) bf16 weight from 4/8-bit codes in any `kernels.layout` layout and
+    `cpu.f32_params`' scale and offset."""
+    codes = codes_of(qw)
+    rows, cols = codes.shape
     out = torch.empty(rows, cols, dtype=torch.bfloat16)
-    block = max(1, min(rows, CHUNK_ELEMENTS // max(cols, 1)))
-    scratch = torch.empty(block, cols, dtype=torch.float32)
+    align = row_align(codes)
+    block = max(align, min(rows, CHUNK_ELEMENTS // max(cols, 1)) // align * align)
+    scratch = torch.empty(min(block, rows), cols, dtype=torch.float32)
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
-        part = dequant_rows_into(scratch[: r1 - r0], qw.qdata[r0:r1], qw.spec.bits,
-                                 scale[r0:r1], offset[r0:r1])
+        part = dequant_rows_into(scratch[: r1 - r0], codes, r0, scale[r0:r1],
+                                 None if offset is None else offset[r0:r1])
         out[r0:r1].copy_(part)
     return out
 
 
-def bf16_linear(x2d: torch.Tensor, qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+def bf16_linear(x2d: torch.Tensor, qw: QuantizedWeight | Codes, scale: torch.Tensor,
+                offset: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 (M, N): bf16 activations times the bf16 dequantized weight, fp32 bias added after."""
     out = F.linear(x2d.to(torch.bfloat16), dequant_bf16(qw, scale, offset)).float()
     return out if bias is None else out.add_(bias.float())

@@ -13,7 +13,8 @@ Paths:
   ``bf16``    4/8-bit codes dequantized to bf16, bf16 GEMM (`kernels.bf16`)
   ``f32``     4/8-bit codes written straight into an fp32 weight, scaled in place, fp32 matmul
   ``ref``     dequantize with `primitives` (the reference twin), fp32 matmul: 2/3/5/6/7-bit
-Each fast path is parity-tested against its reference (tests/parity).
+Each fast path is parity-tested against its reference (tests/parity). ``bf16`` and ``f32`` take
+the codes in any `kernels.layout` layout (a layer keeps one copy, in its packed kernel's layout).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 from ..primitives import QuantizedWeight
 from ..primitives.affine import implicit_zero_point
+from ..spec import QuantSpec
+from .layout import Codes, codes_of, write_codes
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 PATHS = ("int4mm", "int8mm", "bf16", "f32", "ref")
@@ -63,8 +66,14 @@ def available_paths(qw: QuantizedWeight) -> tuple[str, ...]:
 def f32_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset (rows, n_groups) in fp32 with ``w = q * scale + offset``; a zero point is
     uint8 codes (the "int" form) or floats (the "float" form), both read as fp32."""
-    zp = float(implicit_zero_point(qw.spec)) if qw.zero_point is None else qw.zero_point.float()
-    scale = qw.scale.float()
+    return f32_params_of(qw.scale, qw.zero_point, qw.spec)
+
+
+def f32_params_of(scale: torch.Tensor, zero_point: torch.Tensor | None,
+                  spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`f32_params` from the weight's parameters alone (a layer's codes may be in another layout)."""
+    zp = float(implicit_zero_point(spec)) if zero_point is None else zero_point.float()
+    scale = scale.float()
     return scale, -zp * scale
 
 
@@ -76,31 +85,41 @@ def unpack_fast(qdata: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(qdata.shape[0], -1)
 
 
-def dequant_f32(qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """(out, in) fp32 weight from packed 4/8-bit codes; twin of `QuantizedWeight.dequantize`.
+def dequant_f32(qw: QuantizedWeight | Codes, scale: torch.Tensor,
+                offset: torch.Tensor | None) -> torch.Tensor:
+    """(out, in) fp32 weight from 4/8-bit codes in any `kernels.layout` layout (a
+    `QuantizedWeight`: the file layout); twin of `QuantizedWeight.dequantize`.
 
-    The codes are written straight into the fp32 result (a 4-bit byte's two nibbles through two
-    strided copies), then scaled and offset in place: about 2.5x faster here than unpacking to a
-    uint8 tensor and letting a promoting multiply-add allocate the floats.
+    The codes are written straight into the fp32 result (`layout.write_codes`: for a file-layout
+    4-bit byte, its two nibbles through two strided copies), then scaled and offset in place: about
+    2.5x faster here than unpacking to a uint8 tensor and letting a promoting multiply-add
+    allocate the floats.
     """
-    out = torch.empty(qw.shape[0], qw.shape[1], dtype=torch.float32)
-    return dequant_rows_into(out, qw.qdata, qw.spec.bits, scale, offset)
+    codes = codes_of(qw)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    return dequant_rows_into(out, codes, 0, scale, offset)
 
 
-def dequant_rows_into(out: torch.Tensor, qdata: torch.Tensor, bits: int, scale: torch.Tensor,
-                      offset: torch.Tensor) -> torch.Tensor:
-    """Write ``q * scale + offset`` for the rows of packed 4/8-bit ``qdata`` into fp32 ``out``
-    (rows, cols); ``scale`` and ``offset`` are (rows, n_groups). Rows may be a slice of a weight."""
+def dequant_rows_into(out: torch.Tensor, codes: Codes, r0: int, scale: torch.Tensor,
+                      offset: torch.Tensor | None) -> torch.Tensor:
+    """Write ``q * scale + offset`` for rows [r0, r0 + out.shape[0]) of ``codes`` into fp32 ``out``
+    (rows, cols); ``scale`` and ``offset`` are those rows' (rows, n_groups); ``r0`` a multiple of
+    `layout.row_align`. ``offset`` None (int8 layout, see `offset_free`): ``(q - 128) * scale``."""
     rows, cols = out.shape
-    if bits == 8:
-        out.copy_(qdata)
-    else:
-        pairs = out.view(rows, cols // 2, 2)
-        pairs[..., 0].copy_(qdata & 0x0F)
-        pairs[..., 1].copy_(qdata >> 4)
+    write_codes(out, codes, r0, signed=offset is None)
     grouped = out.view(rows, scale.shape[1], -1)  # (out, groups, group_len)
-    grouped.mul_(scale.unsqueeze(-1)).add_(offset.unsqueeze(-1))
+    grouped.mul_(scale.unsqueeze(-1))
+    if offset is not None:
+        grouped.add_(offset.unsqueeze(-1))
     return out
+
+
+def offset_free(spec: QuantSpec) -> bool:
+    """Whether ``(q - 128) * scale`` equals ``q * scale + offset`` bit for bit (8-bit symmetric,
+    16-bit float scales): ``q * scale`` (8 x 11 significant bits) and ``-128 * scale`` are exact
+    in fp32, and so is their sum ``(q - 128) * scale``, so the fp32 path's rounding is none at
+    all. The int8 layout then skips the ``+ 128`` and the offset pass."""
+    return spec.bits == 8 and spec.symmetric and spec.scale_dtype in ("float16", "bfloat16")
 
 
 def prepare_int4(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +152,8 @@ def int8_linear(x2d: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> tor
     return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), w, scales)
 
 
-def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight, scale: torch.Tensor, offset: torch.Tensor,
+def f32_linear(x2d: torch.Tensor, qw: QuantizedWeight | Codes, scale: torch.Tensor,
+               offset: torch.Tensor | None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x2d.float(), dequant_f32(qw, scale, offset), bias)
 

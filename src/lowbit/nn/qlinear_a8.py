@@ -76,9 +76,13 @@ class QLinearA8(_A8Mixin, QuantizedModule):
         return cls(qw, linear.bias, method, sqnr_db, input_spec, input_params)
 
     def _derive(self) -> None:
-        self._prepared = prepare_w8a8(self.qdata, self.scale)
-        self._int8mm = cpu.int8_supported(self.qweight) and not self.input_spec.static
-        self._k_scales = cpu.prepare_int8(self.qweight)[1] if self._int8mm else None
+        """The kernel's int8 weight (``q - 128``, `kernels.layout` "int8") is the one kept copy of
+        the codes; saving derives the file's uint8 codes from it."""
+        qw = self.qweight  # file layout (derived from the kept one after a cast or move)
+        self._prepared = prepare_w8a8(qw.qdata, qw.scale)
+        self._keep_codes(self._prepared["weight"], "int8")
+        self._int8mm = cpu.int8_supported(qw) and not self.input_spec.static
+        self._k_scales = cpu.prepare_int8(qw)[1] if self._int8mm else None
         self._paths: dict[str, str] = {}
 
     def _derive_none(self) -> None:
