@@ -39,6 +39,7 @@ from .primitives.metrics import db_from_sums
 from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
 from .sequential import find_blocks
+from .tasks import drop
 from .textable import text_table
 
 MAX_INPUT_ELEMENTS = 1 << 20  # float input values kept per layer for the SQNR proxy (4 MB)
@@ -62,11 +63,6 @@ def metric_of(task, model: torch.nn.Module) -> float:
         raise RecipeError(f"task {task.name!r} must return a dict holding its metric "
                           f"{task.metric!r}, found {result!r:.200}")
     return float(result[task.metric])
-
-
-def quality_drop(task, base: float, value: float) -> float:
-    """Quality lost going from ``base`` to ``value``: positive is worse, whichever way the metric runs."""
-    return base - value if task.higher_is_better else value - base
 
 
 @dataclass(frozen=True)
@@ -111,7 +107,7 @@ class SensitivityReport:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=1, sort_keys=True)
+        return json.dumps(json_safe(self.to_dict()), indent=1, sort_keys=True)
 
     def _rows(self) -> list[tuple]:
         timed = self.rows is not None
@@ -148,14 +144,14 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _finite(obj):
+def json_safe(obj):
     """JSON has no NaN or infinity: they are written as null / "inf" / "-inf"."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -246,7 +242,7 @@ def _measure(model, the_plan: Plan, task, base: float, inputs, stats, name: str,
         signal, noise = _output_error(floats, quants, inputs)
         ms, float_ms = _time_unit(floats, quants, inputs, rows) if rows else (None, None)
     db = db_from_sums(signal, noise) if signal or noise else math.nan
-    return UnitSensitivity(name, layers, value, quality_drop(task, base, value), db,
+    return UnitSensitivity(name, layers, value, drop(task, base, value), db,
                            report.float_bytes, report.quant_bytes, ms, float_ms)
 
 
@@ -282,4 +278,4 @@ def _time_unit(floats: dict, quants: dict, inputs: dict, rows: int) -> tuple[flo
 
 
 __all__ = ["SensitivityReport", "UnitSensitivity", "check_task", "float_pass", "metric_of",
-           "profile", "quality_drop", "sensitivity", "units_of"]
+           "profile", "sensitivity", "units_of"]

@@ -32,8 +32,8 @@ from .apply import applied
 from .errors import RecipeError
 from .recipe import Recipe, Rule
 from .recipe import plan as plan_recipe
-from .sensitivity import (SensitivityReport, check_task, float_pass, metric_of, profile, quality_drop,
-                          _finite)
+from .sensitivity import SensitivityReport, check_task, float_pass, json_safe, metric_of, profile
+from .tasks import drop
 from .spec import parse
 from .textable import text_table
 
@@ -118,7 +118,7 @@ class TuneReport:
         return list(dict.fromkeys(o.scheme for opts in self.options.values() for o in opts[1:]))
 
     def to_json(self) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=1, sort_keys=True)
+        return json.dumps(json_safe(self.to_dict()), indent=1, sort_keys=True)
 
     def summary_rows(self) -> list[tuple[str, str, str]]:
         """(what, bytes, ms) for the mix, float and each candidate used uniformly."""
@@ -268,7 +268,7 @@ def _verify_and_repair(model, task, report: TuneReport, data, progress: bool) ->
     """Measure the mix on the task; raise the worst layer and measure again until within budget."""
     while True:
         report.verified_metric = measure_mix(model, task, report.choice, report.method, data)
-        report.verified_drop = quality_drop(task, report.base, report.verified_metric)
+        report.verified_drop = drop(task, report.base, report.verified_metric)
         if report.within_budget() or all(s == FLOAT for s in report.choice.values()):
             return
         layer, new = _worst(report)
