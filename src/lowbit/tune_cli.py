@@ -7,9 +7,9 @@ parsers and calls these commands.
     lowbit quantize PATH --recipe recipe.json --out DIR
 
 A task is a `lowbit.tasks` spec (``embeddings``, ``lm``, ``classify``, ``module:function``,
-``file.py:function``); its options come as ``--task-option KEY=VALUE`` (e.g. ``text=FILE`` for lm,
-``data=FILE`` for classify). These commands quantize with RTN (``--method`` in the Python API takes
-gptq with calibration data).
+``file.py:function``) with the flags ``lowbit compare`` spells the same way (``--text``,
+``--context``, ``--stride`` for lm, ``--data`` for classify). ``--method gptq`` (and ``w8a8-static``
+candidates) need ``--calibration TEXT_FILE``; calibration runs once, on the float model.
 """
 from __future__ import annotations
 
@@ -41,10 +41,17 @@ def add_parsers(sub) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default=DEFAULT_TASK, help="embeddings | lm | classify | module:function | "
-                   "file.py:function (default embeddings: WordSim-353 Spearman)")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, repeatable (lm: text=FILE context=512; classify: data=FILE)")
+    from .tasks import VALID_TASKS
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"{VALID_TASKS} (default embeddings: WordSim-353 Spearman)")
+    p.add_argument("--text", default=None, help="lm task: UTF-8 text file to score")
+    p.add_argument("--context", type=int, default=512, help="lm task: window in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=256, help="lm task: tokens between windows (default 256)")
+    p.add_argument("--data", default=None, help="classify task: labelled file (TSV label<TAB>text, or .jsonl)")
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="gptq needs --calibration")
+    p.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                   help="calibration text for gptq and w8a8-static (also feeds the SQNR proxy)")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--targets", nargs="+", default=None, help="exact names, class names or re:<regex>")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
     p.add_argument("--markdown", default=None, help="also write the report as Markdown here")
@@ -57,38 +64,37 @@ def add_recipe_flag(q: argparse.ArgumentParser) -> None:
                         "replaces --scheme/--targets/--ignore/--embeddings")
 
 
-def task_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> options; integers, floats and true/false are converted."""
-    out = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--task-option {pair!r}: expected KEY=VALUE")
-        out[key] = _value(value)
-    return out
-
-
-def _value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def task_options(args: argparse.Namespace) -> dict:
+    """The task's options from ``--text/--context/--stride`` (lm) or ``--data`` (classify), as
+    ``lowbit compare`` reads them; a flag given for another task is an error."""
+    if args.task == "lm":
+        return {"text": args.text, "context": args.context, "stride": args.stride}
+    if args.task == "classify":
+        return {"data": args.data}
+    for flag in ("text", "data"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag} applies to --task {'lm' if flag == 'text' else 'classify'}, "
+                             f"not {args.task}")
+    return {}
 
 
 def _load(args: argparse.Namespace):
-    """(float model, task) for the command's PATH and task flags."""
+    """(float model, task, calibration batches or None) for the command's PATH and flags."""
     import torch
     from .models import load_transformers, resolve_model_dir
     from .tasks import resolve_task
     if args.threads:
         torch.set_num_threads(args.threads)
     src = resolve_model_dir(args.path)
+    options = task_options(args)  # a misplaced flag fails before the model is loaded
+    if args.method == "gptq" and args.calibration is None:
+        raise ValueError("--method gptq needs --calibration TEXT_FILE")
     model, tok = load_transformers(src)
-    return model, resolve_task(args.task, src, tok, **task_options(args.task_option))
+    data = None
+    if args.calibration is not None:
+        from .calibration import text_batches
+        data = list(text_batches(tok, args.calibration, samples=args.samples, seq_len=args.seq_len))
+    return model, resolve_task(args.task, src, tok, **options), data
 
 
 def _write_reports(report, args: argparse.Namespace) -> None:
@@ -103,8 +109,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .sensitivity import sensitivity
     from .spec import parse
     parse(args.scheme)  # a typo fails before the model is loaded
-    model, task = _load(args)
-    report = sensitivity(model, args.scheme, task, targets=args.targets, blocks=args.blocks)
+    model, task, data = _load(args)
+    report = sensitivity(model, args.scheme, task, targets=args.targets, data=data, method=args.method,
+                         blocks=args.blocks)
     print(report)
     _write_reports(report, args)
     return 0
@@ -118,9 +125,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give the recipe file's name (e.g. recipe.json)")
-    model, task = _load(args)
+    model, task, data = _load(args)
     report = tune(model, task, max_drop=args.max_drop, candidates=candidates, objective=args.objective,
-                  targets=args.targets, rows=args.rows or DEFAULT_ROWS)
+                  data=data, targets=args.targets, method=args.method, rows=args.rows or DEFAULT_ROWS)
     print(report)
     recipe = json.dumps(json.loads(report.recipe.to_json()), indent=1, sort_keys=True) + "\n"
     write_file(out, lambda tmp: tmp.write_text(recipe, encoding="utf-8"))

@@ -97,3 +97,11 @@ def test_bad_recipes_name_the_layer(model_dir, tmp_path):
                                 "--out", tmp_path / "d"])
     assert code == 2 and "drop --scheme" in stderr
     assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_task_flags_for_another_task_and_gptq_without_calibration_fail_early(model_dir, tmp_path):
+    code, _, stderr = run_main(["sensitivity", model_dir, "--scheme", "w8", "--text", tmp_path / "t.txt"])
+    assert code == 2 and "--text applies to --task lm, not embeddings" in stderr
+    code, _, stderr = run_main(["tune", model_dir, "--max-drop", "0.01", "--method", "gptq", "--out",
+                                tmp_path / "r.json"])
+    assert code == 2 and "--method gptq needs --calibration" in stderr and not (tmp_path / "r.json").exists()
