@@ -19,9 +19,6 @@ Two routes, both through the hooks of transformers' `HfQuantizer`:
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import re
 import sys
@@ -34,6 +31,7 @@ from ..apply import Report, apply
 from ..errors import FormatError, LowbitError, QuantizationError
 from ..nn import QuantizedModule
 from ..io.format import encode_header
+from ..io.memory import release_freed_memory
 from ..io.restore import _restore_buffers, _retie
 from ..io.serialize import state_and_header
 from ..io.skeleton import build_skeleton, finish_loaded, verify_files
@@ -124,7 +122,7 @@ class LowbitHfQuantizer(HfQuantizer):
         except LowbitError as exc:
             self.errors.append(str(exc))
             raise
-        _release_freed_memory()
+        release_freed_memory()
         self.report.layers += done.layers
         self.report.warnings += done.warnings
         if missing_keys is not None:
@@ -150,7 +148,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 buffers.update({k: h.get_tensor(k) for k in self.doc["nonpersistent"] if k in h.keys()})
         _restore_buffers(model, buffers, path)
         finish_loaded(model, path)
-        _release_freed_memory()
+        release_freed_memory()
         _retie(model, self.doc["tied"], path)
         model.lowbit_source = {k: v for k, v in self.doc["provenance"].items()
                                if k in ("scheme", "method", "source_sha256", "targets", "ignore")}
@@ -194,24 +192,6 @@ def _own_float_tensors(model) -> None:
         for t in list(module._parameters.values()) + buffers:
             if t is not None and not t.is_meta:
                 t.data = t.data.clone()
-
-
-def _release_freed_memory() -> None:
-    """Hand heap pages freed by the layer just quantized back to the OS (glibc's ``malloc_trim``;
-    a no-op elsewhere). Without it glibc keeps the blocks' float temporaries as heap, and the
-    process's resident memory grows with every layer although nothing is held."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def _check_config(config, doc: dict, path: str) -> None:

@@ -2,8 +2,8 @@
 
 A load reads the file's tensors, and each layer converts its codes to the layout it keeps (one
 copy, `kernels.layout`) and drops the file form; glibc keeps those freed blocks as heap, so the
-process's resident memory would still count them. (`hf.quantizer` has the same helper for
-quantizing at load time.)"""
+process's resident memory would still count them. `hf.quantizer` calls it after each layer
+it quantizes at load time, where the float temporaries would otherwise pile up as heap."""
 from __future__ import annotations
 
 import ctypes
