@@ -18,6 +18,7 @@ from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
 from .smooth import materialize
 from .smooth import smooth as smooth_model
+from .smooth import smooth_at_runtime
 from .spec import QuantSpec, Scheme
 
 DEFAULT_TARGETS = ("Linear",)
@@ -79,14 +80,21 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
                       (None if targets is None else list(targets)),
                       ignore=[ignore] if isinstance(ignore, str) else list(ignore))
     data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
+    runtime_smooth = None
     if smooth is not None:
         data = materialize(data)
         model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
+        dynamic = [n for n, r in the_plan.layers.items() if r.input_mode == "dynamic"]
+        runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, dynamic)
     if sequential:
+        if runtime_smooth:
+            raise RecipeError("smooth= with sequential=True: run-time input smoothing is not "
+                              "wired into sequential quantization; use sequential=False")
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
     else:
-        report = apply(model, the_plan, stats=calibrate_for(model, the_plan, data, progress), progress=progress)
+        report = apply(model, the_plan, stats=calibrate_for(model, the_plan, data, progress),
+                       progress=progress, input_smooth=runtime_smooth)
     report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
     report.warnings += slow
     for w in slow:

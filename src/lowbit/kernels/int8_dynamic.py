@@ -117,8 +117,15 @@ def int_mm_float(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def w8a8_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dynamic w8a8: per-token asymmetric uint8 activations, int8 weights; float32 (M, N)."""
+                bias: torch.Tensor | None = None,
+                inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic w8a8: per-token asymmetric uint8 activations, int8 weights; float32 (M, N).
+
+    ``inv_smooth`` (K,) float32: SmoothQuant's run-time input scaling, ``x / s`` per input channel
+    (as ``x * (1 / s)``) before the per-token grids, for a weight quantized as ``W * s``; one more
+    pass over the input (each row's range is that of the scaled row, so it cannot be folded)."""
+    if inv_smooth is not None:
+        x2d = x2d * inv_smooth  # (M, K) * (K,)
     q, s_x, z_x = quantize_tokens(x2d)
     out = int_mm_float(q, prepared["weight"])  # (M, N)
     out.addr_(z_x.view(-1), prepared["col_sum"], alpha=-1)  # acc - z_x * c
@@ -177,10 +184,11 @@ def _exact_acc(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def ref_w8a8_linear(x2d: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None,
+                    inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
     """Reference twin of `w8a8_linear`: the same codes from `primitives` (`params_from_range` and
     `quantize_codes` on each row), the integer product and the epilogue in float64."""
-    x = x2d.float()
+    x = x2d.float() if inv_smooth is None else x2d.float() * inv_smooth.float()
     s_x, z_x = params_from_range(x.amin(1, keepdim=True), x.amax(1, keepdim=True), ACT_SPEC)
     q = quantize_codes(x.unsqueeze(1), s_x, z_x, ACT_SPEC).view(x.shape)  # (M, K)
     w = codes.double() - 128.0  # (N, K)
