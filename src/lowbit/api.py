@@ -85,16 +85,16 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
         data = materialize(data)
         model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
-        dynamic = [n for n, r in the_plan.layers.items() if r.input_mode == "dynamic"]
-        runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, dynamic)
+        int8_inputs = [n for n, r in the_plan.layers.items() if r.input_mode is not None]
+        runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
     if sequential:
         if runtime_smooth:
             raise RecipeError("smooth= with sequential=True: run-time input smoothing is not "
                               "wired into sequential quantization; use sequential=False")
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
     else:
-        report = apply(model, the_plan, stats=calibrate_for(model, the_plan, data, progress),
-                       progress=progress, input_smooth=runtime_smooth)
+        stats = calibrate_for(model, the_plan, data, progress, runtime_smooth)
+        report = apply(model, the_plan, stats=stats, progress=progress, input_smooth=runtime_smooth)
     report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
     report.warnings += slow
     for w in slow:
@@ -133,9 +133,10 @@ def calibration_needs(the_plan: Plan) -> dict[str, tuple[str, ...]]:
     return needs
 
 
-def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None,
-                  progress: bool) -> dict[str, LayerStats] | None:
-    """Run calibration once for every layer that needs it (None when none does)."""
+def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None, progress: bool,
+                  input_smooth: dict[str, torch.Tensor] | None = None) -> dict[str, LayerStats] | None:
+    """Run calibration once for every layer that needs it (None when none does); layers smoothed
+    at run time (``input_smooth``) are calibrated on their smoothed inputs."""
     needs = calibration_needs(the_plan)
     if not needs:
         return None
@@ -146,7 +147,8 @@ def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None,
     kinds = tuple(sorted({k for ks in needs.values() for k in ks}))
     observers = {n: the_plan.layers[n].input_spec.observer for n, ks in needs.items() if "range" in ks}
     return collect(model, data, sorted(needs), stats=kinds, observer=observers or "minmax",
-                   progress=progress)
+                   progress=progress, input_scale={n: s for n, s in (input_smooth or {}).items()
+                                                   if n in needs})
 
 
 def plan(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",

@@ -113,7 +113,8 @@ def smooth_at_runtime(model: torch.nn.Module, data: Sequence, report: SmoothRepo
     """Factors for the Linears in ``names`` that `smooth` left unsmoothed (their producer cannot
     take them exactly, e.g. a post-LN LayerNorm that also feeds the residual): the same
     ``s = max|x_j| ** alpha / max|W_j| ** (1 - alpha)`` from the layer's own input, applied inside
-    the quantized layer at run time (`nn.QLinearA8`, dynamic inputs). Moves them from
+    the quantized layer at run time (`nn.QLinearA8`; static inputs are then calibrated on
+    ``x / s``, `calibrate.collect(input_scale=...)`). Moves them from
     ``report.unsmoothed`` to ``report.runtime`` and returns ``{layer: s (in_features,) float32}``."""
     wanted = [n for n in names if n in report.unsmoothed
               and isinstance(model.get_submodule(n), torch.nn.Linear)]

@@ -82,12 +82,10 @@ class QLinearA8(_A8Mixin, QuantizedModule):
         the factors (a post-LN norm that also feeds the residual): the weight was quantized as
         ``W * s`` (columns) and the input is divided by ``s`` before its int8 grids. ``s`` is the
         buffer ``smooth`` (in_features,) float32, saved with the float tensors; the header says
-        ``"input_smooth": true``. Dynamic inputs only (a static grid would need the range of
-        ``x / s``, which calibration does not see)."""
+        ``"input_smooth": true``. Static inputs: the calibrated grid is that of ``x / s``
+        (`calibrate.collect(input_scale=...)`). One more pass over the input either way (for
+        static inputs it could be folded into the grid's division; not done yet)."""
         if smooth is not None:
-            if self.input_spec.static:
-                raise QuantizationError("QLinearA8: run-time input smoothing needs dynamic inputs "
-                                        "(w8a8), found w8a8-static")
             smooth = torch.as_tensor(smooth).detach().float().reshape(-1).contiguous()
             if smooth.numel() != self.in_features or not bool((smooth > 0).all()):
                 raise QuantizationError(f"QLinearA8: input smoothing factors must be "
@@ -115,7 +113,7 @@ class QLinearA8(_A8Mixin, QuantizedModule):
         x = timing_input(self.in_features)
         if self.input_spec.static:
             p = self.input_params
-            out = {"w8a8-static": lambda m: w8a8_static_linear(x(m), self._prepared,
+            out = {"w8a8-static": lambda m: w8a8_static_linear(self._smoothed(x(m)), self._prepared,
                                                                 p["scale"], p["zero_point"])}
         else:
             out = {"w8a8": lambda m: w8a8_linear(x(m), self._prepared, None, self._inv_smooth)}
@@ -146,7 +144,8 @@ class QLinearA8(_A8Mixin, QuantizedModule):
             y = y if bias is None else y.add_(bias)
         elif self.input_spec.static:
             p = self.input_params
-            y = w8a8_static_linear(x2d.float(), self._prepared, p["scale"], p["zero_point"], bias)
+            y = w8a8_static_linear(self._smoothed(x2d.float()), self._prepared, p["scale"],
+                                   p["zero_point"], bias)
         else:
             y = w8a8_linear(x2d.float().contiguous(), self._prepared, bias, self._inv_smooth)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
