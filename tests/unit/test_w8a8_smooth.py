@@ -88,6 +88,9 @@ def test_quantize_smooths_unfoldable_layers_at_run_time_and_gains_quality(tmp_pa
     assert torch.equal(loaded[0].smooth, sm[0].smooth)
     assert torch.equal(loaded(x), sm(x))
     assert "w8 +a8 smooth" in inspect_table(tmp_path)
+    half = copy.deepcopy(sm).half()  # the factors keep float32, as the codes keep uint8
+    assert half[0].smooth.dtype == torch.float32 and torch.equal(half[0].smooth, sm[0].smooth)
+    assert half[0](x.half()).dtype == torch.float16
 
 
 def _saved_plain(model, tmp_path):

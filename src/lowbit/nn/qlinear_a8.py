@@ -96,6 +96,16 @@ class QLinearA8(_A8Mixin, QuantizedModule):
     def layer_meta(self) -> dict[str, Any]:
         return {**super().layer_meta(), **({"input_smooth": True} if self.smooth is not None else {})}
 
+    def _apply(self, fn, recurse=True):
+        """As `QuantizedModule._apply`; the smoothing factors, like the codes, keep float32 through
+        a cast (the weight was quantized with them)."""
+        smooth = self._buffers.get("smooth")
+        super()._apply(fn, recurse)
+        if smooth is not None and self._buffers["smooth"].dtype != smooth.dtype:
+            self._buffers["smooth"] = smooth.to(self._buffers["smooth"].device)
+            self.rebuild()
+        return self
+
     def _derive(self) -> None:
         smooth = getattr(self, "smooth", None)
         self._inv_smooth = None if smooth is None else smooth.float().reciprocal()
