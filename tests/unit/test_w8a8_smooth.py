@@ -121,3 +121,12 @@ def test_static_inputs_are_calibrated_after_smoothing(observer, tmp_path):
     assert rel(sm[0](x), m[0](x)) < rel(plain[0](x), m[0](x)) / STATIC_ERR_GAIN
     lowbit.save(sm, tmp_path)
     assert torch.equal(lowbit.load(tmp_path, mlp())(x), sm(x))
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static"])
+def test_forward_outside_no_grad_on_inputs_that_require_grad(scheme):
+    m = mlp()
+    q = lowbit.quantize(copy.deepcopy(m), scheme, data=batches(), verbose=False)
+    x = batches(1, seed=9)[0].requires_grad_(True)  # as after a float embedding layer
+    y = q[0](x)
+    assert not y.requires_grad and torch.equal(y, q[0](x.detach()))

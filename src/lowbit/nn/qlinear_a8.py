@@ -146,7 +146,9 @@ class QLinearA8(_A8Mixin, QuantizedModule):
         return x2d if self._inv_smooth is None else x2d.float() * self._inv_smooth  # (M, K) * (K,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
+        # no gradient flows through int8 codes; detached, the in-place epilogue also runs outside
+        # torch.no_grad() on inputs that require grad (a float embedding upstream)
+        x2d = x.reshape(-1, self.in_features).detach()
         bias = self._float_bias()
         path = self.path_for(x2d.shape[0]) if x2d.shape[0] else "w8a8"
         if path == "int8mm":
