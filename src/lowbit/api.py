@@ -60,8 +60,9 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     ``method_options`` sets the method's options (gptq: damp, act_order, block_size), recorded
     with the calibration data's hash in the file's provenance (`lowbit.provenance`).
     ``smooth=alpha`` (in [0, 1], 0.5 in the paper) runs SmoothQuant (`lowbit.smooth.smooth`) on the
-    planned layers before quantizing; it reads ``data`` more than once, so an iterator is read into
-    a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
+    planned layers before quantizing; int8-input layers whose producer cannot take the factors are
+    smoothed at run time instead (`lowbit.smooth.smooth_at_runtime`, not with ``sequential``); it
+    reads ``data`` more than once, so an iterator is read into a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
     smoothed (the same float function).
 
     Raises `RecipeError` when a target matches no module, nothing would be quantized (unless
@@ -85,12 +86,12 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
         data = materialize(data)
         model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
+        # run-time smoothing is not wired into block-by-block quantization: there the layers
+        # that cannot be folded stay unsmoothed (named in the report), as before
         int8_inputs = [n for n, r in the_plan.layers.items() if r.input_mode is not None]
-        runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
+        if not sequential:
+            runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
     if sequential:
-        if runtime_smooth:
-            raise RecipeError("smooth= with sequential=True: run-time input smoothing is not "
-                              "wired into sequential quantization; use sequential=False")
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
     else:
         stats = calibrate_for(model, the_plan, data, progress, runtime_smooth)

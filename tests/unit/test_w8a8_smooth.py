@@ -130,3 +130,9 @@ def test_forward_outside_no_grad_on_inputs_that_require_grad(scheme):
     x = batches(1, seed=9)[0].requires_grad_(True)  # as after a float embedding layer
     y = q[0](x)
     assert not y.requires_grad and torch.equal(y, q[0](x.detach()))
+
+
+def test_sequential_quantization_keeps_unfoldable_layers_unsmoothed():
+    q = lowbit.quantize(mlp(), "w8a8", data=batches(), smooth=0.5, sequential=True, verbose=False)
+    assert q.lowbit_smooth.runtime == {} and "0" in q.lowbit_smooth.unsmoothed
+    assert q[0].smooth is None
