@@ -136,3 +136,21 @@ def test_sequential_quantization_keeps_unfoldable_layers_unsmoothed():
     q = lowbit.quantize(mlp(), "w8a8", data=batches(), smooth=0.5, sequential=True, verbose=False)
     assert q.lowbit_smooth.runtime == {} and "0" in q.lowbit_smooth.unsmoothed
     assert q[0].smooth is None
+
+
+def test_transformers_from_pretrained_restores_run_time_smoothing(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 96, (2, 11), generator=gen)} for _ in range(4)]
+    q = lowbit.quantize(model, "w8a8", data=data, smooth=0.5, verbose=False)
+    assert q.lowbit_smooth.runtime and q.lowbit_smooth.pairs  # post-LN BERT: both kinds
+    lowbit.save(q, tmp_path)
+    ids = torch.randint(0, 96, (3, 11), generator=gen)
+    with torch.inference_mode():
+        got = transformers.AutoModel.from_pretrained(tmp_path)  # meta skeleton, then the file
+        assert got.encoder.layer[0].attention.self.query.smooth is not None
+        assert torch.equal(got(input_ids=ids).last_hidden_state, q(input_ids=ids).last_hidden_state)

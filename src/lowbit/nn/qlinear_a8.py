@@ -87,7 +87,8 @@ class QLinearA8(_A8Mixin, QuantizedModule):
         static inputs it could be folded into the grid's division; not done yet)."""
         if smooth is not None:
             smooth = torch.as_tensor(smooth).detach().float().reshape(-1).contiguous()
-            if smooth.numel() != self.in_features or not bool((smooth > 0).all()):
+            positive = smooth.is_meta or bool((smooth > 0).all())  # meta: a loader's skeleton
+            if smooth.numel() != self.in_features or not positive:
                 raise QuantizationError(f"QLinearA8: input smoothing factors must be "
                                         f"{self.in_features} positive floats, found "
                                         f"{tuple(smooth.shape)} (min {float(smooth.min()):.3g})")
