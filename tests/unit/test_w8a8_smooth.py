@@ -138,8 +138,10 @@ def test_sequential_quantization_keeps_unfoldable_layers_unsmoothed():
     assert q[0].smooth is None
 
 
-def test_transformers_from_pretrained_restores_run_time_smoothing(tmp_path):
+def test_transformers_from_pretrained_restores_run_time_smoothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("lowbit.hf")  # registers lowbit's quantizer with transformers
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, max_position_embeddings=32)
