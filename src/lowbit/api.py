@@ -18,6 +18,7 @@ from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
 from .smooth import materialize
 from .smooth import smooth as smooth_model
+from .smooth import smooth_at_runtime
 from .spec import QuantSpec, Scheme
 
 DEFAULT_TARGETS = ("Linear",)
@@ -59,8 +60,9 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     ``method_options`` sets the method's options (gptq: damp, act_order, block_size), recorded
     with the calibration data's hash in the file's provenance (`lowbit.provenance`).
     ``smooth=alpha`` (in [0, 1], 0.5 in the paper) runs SmoothQuant (`lowbit.smooth.smooth`) on the
-    planned layers before quantizing; it reads ``data`` more than once, so an iterator is read into
-    a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
+    planned layers before quantizing; int8-input layers whose producer cannot take the factors are
+    smoothed at run time instead (`lowbit.smooth.smooth_at_runtime`, not with ``sequential``); it
+    reads ``data`` more than once, so an iterator is read into a list first. Its report is ``model.lowbit_smooth``; if quantizing then fails, the model stays
     smoothed (the same float function).
 
     Raises `RecipeError` when a target matches no module, nothing would be quantized (unless
@@ -79,14 +81,21 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
                       (None if targets is None else list(targets)),
                       ignore=[ignore] if isinstance(ignore, str) else list(ignore))
     data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
+    runtime_smooth = None
     if smooth is not None:
         data = materialize(data)
         model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
+        # run-time smoothing is not wired into block-by-block quantization: there the layers
+        # that cannot be folded stay unsmoothed (named in the report), as before
+        int8_inputs = [n for n, r in the_plan.layers.items() if r.input_mode is not None]
+        if not sequential:
+            runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
     if sequential:
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
     else:
-        report = apply(model, the_plan, stats=calibrate_for(model, the_plan, data, progress), progress=progress)
+        stats = calibrate_for(model, the_plan, data, progress, runtime_smooth)
+        report = apply(model, the_plan, stats=stats, progress=progress, input_smooth=runtime_smooth)
     report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
     report.warnings += slow
     for w in slow:
@@ -125,9 +134,10 @@ def calibration_needs(the_plan: Plan) -> dict[str, tuple[str, ...]]:
     return needs
 
 
-def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None,
-                  progress: bool) -> dict[str, LayerStats] | None:
-    """Run calibration once for every layer that needs it (None when none does)."""
+def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None, progress: bool,
+                  input_smooth: dict[str, torch.Tensor] | None = None) -> dict[str, LayerStats] | None:
+    """Run calibration once for every layer that needs it (None when none does); layers smoothed
+    at run time (``input_smooth``) are calibrated on their smoothed inputs."""
     needs = calibration_needs(the_plan)
     if not needs:
         return None
@@ -138,7 +148,8 @@ def calibrate_for(model: torch.nn.Module, the_plan: Plan, data: Iterable | None,
     kinds = tuple(sorted({k for ks in needs.values() for k in ks}))
     observers = {n: the_plan.layers[n].input_spec.observer for n, ks in needs.items() if "range" in ks}
     return collect(model, data, sorted(needs), stats=kinds, observer=observers or "minmax",
-                   progress=progress)
+                   progress=progress, input_scale={n: s for n, s in (input_smooth or {}).items()
+                                                   if n in needs})
 
 
 def plan(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",

@@ -78,16 +78,20 @@ class Report:
 
 def apply(model: torch.nn.Module, plan: Plan, weights: dict[str, QuantizedWeight] | None = None,
           sqnr: dict[str, float | None] | None = None, stats: dict[str, LayerStats] | None = None,
-          progress: bool = False, input_params: dict[str, dict] | None = None) -> Report:
+          progress: bool = False, input_params: dict[str, dict] | None = None,
+          input_smooth: dict[str, torch.Tensor] | None = None) -> Report:
     """Swap every planned module for its quantized twin, in place.
 
     ``weights`` (from a file) supplies the quantized weights, and ``input_params`` the static
     input grids; without them each float weight is quantized by the rule's method (with the
     layer's calibration ``stats`` when given, which also give static input grids) and its SQNR
-    measured. Every module is built before any is swapped: a failure leaves the model as it was.
+    measured. ``input_smooth`` (layer -> factors ``s`` (in_features,)) smooths dynamic int8 inputs
+    at run time (`QLinearA8`): the weight is quantized as ``W * s``; with ``weights`` from a file
+    the factors are placeholders that the file's ``smooth`` tensor then fills.
+    Every module is built before any is swapped: a failure leaves the model as it was.
     """
     report = Report(skipped=dict(plan.skipped), aliases=dict(plan.aliases))
-    built = [_build(model, name, rule, weights, sqnr, stats, report, input_params)
+    built = [_build(model, name, rule, weights, sqnr, stats, report, input_params, input_smooth)
              for name, rule in tqdm(list(plan.layers.items()), desc="quantize", disable=not progress,
                                     unit="layer")]
     _swap_all(model, plan, built, report)
@@ -137,10 +141,13 @@ def applied(model: torch.nn.Module, plan: Plan, stats: dict[str, LayerStats] | N
 
 
 def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, report: Report,
-           input_params: dict[str, dict] | None = None):
+           input_params: dict[str, dict] | None = None,
+           input_smooth: dict[str, torch.Tensor] | None = None):
     module = model.get_submodule(name)
+    smooth = (input_smooth or {}).get(name)
     if weights is None:
         w = module.weight.detach()
+        w = w if smooth is None else w * smooth.to(w.dtype)  # (N, K) * (K,): SmoothQuant's W * s
         if w.is_meta:
             raise QuantizationError(f"{name}: weights are on the meta device; load real weights "
                                     "before quantizing")
@@ -157,6 +164,8 @@ def _build(model: torch.nn.Module, name: str, rule: Rule, weights, sqnr, stats, 
     if rule.input_mode == "static":
         extra["input_params"] = (input_params or {}).get(name) if weights is not None \
             else _static_params(name, stats)
+    if smooth is not None:
+        extra["input_smooth"] = smooth
     new = cls.from_float(module, qw, rule.method, db, rule.input_spec, **extra)
     float_bytes = module.weight.numel() * module.weight.element_size()
     report.layers.append(LayerResult(name, rule.scheme.name, rule.method, float_bytes, qw.nbytes, db))

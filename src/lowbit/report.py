@@ -28,6 +28,7 @@ def inspect_table(path: str | os.PathLike) -> str:
             scheme = f"pq k{tensors[f'{name}.centroids'].shape[0]} b{e['block_size']}"
         else:
             scheme = QuantSpec.from_dict(e["spec"]).name + ("" if e.get("input") is None else " +a8")
+            scheme += " smooth" if e.get("input_smooth") else ""
         rows.append((name, e["class"], scheme, "x".join(map(str, e["shape"])), nbytes,
                      f"{8 * nbytes / numel:.2f}", "n/a" if db is None else f"{float(db):.1f}"))
     table = text_table(("layer", "class", "scheme", "shape", "bytes", "bits/w", "SQNR dB"), rows,

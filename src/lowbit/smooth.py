@@ -45,6 +45,7 @@ class SmoothReport:
     pairs: list[SmoothedPair] = field(default_factory=list)
     unsmoothed: dict[str, str] = field(default_factory=dict)
     max_rel_change: float = 0.0
+    runtime: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> factors s (K,)
 
     @property
     def smoothed_layers(self) -> list[str]:
@@ -59,6 +60,8 @@ class SmoothReport:
         if rows:
             out.append(text_table(("producer", "consumers", "found by", "s min", "s max"), rows,
                                   (False, False, False, True, True)))
+        out += [f"  smoothed at run time (input / s inside the int8 layer) {n}: s in "
+                f"[{float(f.min()):.3g}, {float(f.max()):.3g}]" for n, f in self.runtime.items()]
         out += [f"  unsmoothed {n}: {why}" for n, why in self.unsmoothed.items()]
         return "\n".join(out)
 
@@ -103,6 +106,30 @@ def smooth(model: torch.nn.Module, data: Iterable, alpha: float = 0.5,
     report.pairs = [SmoothedPair(p.producer, p.consumers, p.how, float(sc.factors.min()),
                                  float(sc.factors.max())) for p, sc in zip(search.pairs, scales)]
     return report
+
+
+def smooth_at_runtime(model: torch.nn.Module, data: Sequence, report: SmoothReport,
+                      names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Factors for the Linears in ``names`` that `smooth` left unsmoothed (their producer cannot
+    take them exactly, e.g. a post-LN LayerNorm that also feeds the residual): the same
+    ``s = max|x_j| ** alpha / max|W_j| ** (1 - alpha)`` from the layer's own input, applied inside
+    the quantized layer at run time (`nn.QLinearA8`; static inputs are then calibrated on
+    ``x / s``, `calibrate.collect(input_scale=...)`). Moves them from
+    ``report.unsmoothed`` to ``report.runtime`` and returns ``{layer: s (in_features,) float32}``."""
+    wanted = [n for n in names if n in report.unsmoothed
+              and isinstance(model.get_submodule(n), torch.nn.Linear)]
+    if not wanted:
+        return {}
+    observer = ObserverConfig(name="minmax", per_channel=True)
+    stats = collect(model, data, wanted, stats=("range",), observer=observer, progress=False)
+    for name in wanted:
+        lo, hi = stats[name].input_range  # (K,), (K,)
+        w = model.get_submodule(name).weight
+        s = smoothing_factors(torch.maximum(lo.abs(), hi.abs()), consumer_absmax([w], name),
+                              report.alpha, name)
+        report.runtime[name] = s.float()
+        del report.unsmoothed[name]
+    return dict(report.runtime)
 
 
 def _factors(model: torch.nn.Module, batches: Sequence, pairs: list[Pair],

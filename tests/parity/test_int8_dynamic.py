@@ -76,6 +76,27 @@ def test_codes_and_int32_product_are_exact(m, k, n):
     assert torch.equal(prepared["col_sum"].long(), (qw.qdata.long() - 128).sum(1))
 
 
+def test_clamp_free_token_codes_equal_primitives_bit_for_bit():
+    """`token_codes` skips the clamp (rows on their own grids): adversarial rows where the two
+    float roundings are largest (offset rows at the 2**-9 relative floor, wide magnitudes,
+    constant, zero, one-hot, NaN) give the same codes as `quantize_codes`."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 96, generator=gen) * torch.logspace(-30, 30, 400).unsqueeze(1)
+    x[:100] = 1000.0 + torch.rand(100, 96, generator=gen) * torch.logspace(-6, 3, 100).unsqueeze(1)
+    x[100:150] = -x[100:150].abs() - torch.logspace(-3, 3, 50).unsqueeze(1)
+    x[150] = 0.0
+    x[151] = -7.25
+    x[152] = 0.0
+    x[152, 5] = 3.0
+    x[153, 7] = float("nan")
+    lo, hi = token_range(x)
+    s, z = token_params(lo, hi)
+    want = quantize_codes(x.unsqueeze(1), s, z, ACT_SPEC).view(x.shape)  # (M, 1, K) -> (M, K)
+    got = k8.token_codes(x, s, z)
+    assert torch.equal(got, want)
+    assert int(got[154:].min()) == 0 and int(got[154:].max()) == 255  # the grid's ends are reached
+
+
 @pytest.mark.parametrize("block", [100, 1 << 30])  # row blocks of 1..few rows, or one piece
 def test_codes_in_row_blocks_equal_codes_in_one_piece(block, monkeypatch):
     x, _, _, _ = layer(37, 100, 4)

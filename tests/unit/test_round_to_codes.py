@@ -40,3 +40,12 @@ def test_quantize_codes_matches_round_then_clamp():
         lo = 1 if spec.symmetric else 0
         want = torch.round(xg / scale.unsqueeze(-1) + z).clamp(lo, spec.qmax).to(torch.uint8)
         assert torch.equal(q, want) and q.min() == lo and q.max() == spec.qmax
+
+
+def test_codes_into_a_row_block_of_a_larger_result():
+    gen = torch.Generator().manual_seed(1)
+    t = torch.rand(6, 40, generator=gen) * 255.0
+    out = torch.full((10, 40), 7, dtype=torch.uint8)
+    got = round_to_codes(t.clone(), out=out[2:8])
+    assert got.data_ptr() == out[2:8].data_ptr()
+    assert torch.equal(out[2:8], reference(t)) and bool((out[:2] == 7).all() and (out[8:] == 7).all())

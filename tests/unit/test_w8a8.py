@@ -53,11 +53,23 @@ def test_quality_and_round_trip(scheme, budget, tmp_path):
 def test_static_grid_comes_from_the_calibrated_range():
     m = mlp()
     data = batches()
-    q = lowbit.quantize(copy.deepcopy(m), "w8a8-static", data=data, verbose=False)
+    q = lowbit.quantize(copy.deepcopy(m), "w8a8-static", data=data, observer="minmax", verbose=False)
     lo = min(float(b.min()) for b in data)
     hi = max(float(b.max()) for b in data)
     assert q[0].input_params == static_input_params(lo, hi)
     assert q[0].input_params["zero_point"] == round(q[0].input_params["zero_point"])  # 0.0 exact
+
+
+def test_static_inputs_default_to_the_histogram_observer():
+    from lowbit.spec import STATIC_OBSERVER, ActSpec, parse
+    assert STATIC_OBSERVER == "histogram"
+    assert parse("w8a8-static").input.observer == "histogram"
+    assert parse("w8a8").input.observer == "minmax"  # unused by dynamic inputs
+    assert ActSpec(static=True, granularity="tensor").observer == "histogram"
+    explicit = ActSpec(static=True, granularity="tensor", observer="minmax")
+    assert ActSpec.from_dict(explicit.to_dict()) == explicit  # files that name minmax keep it
+    q = lowbit.quantize(mlp(), "w8a8-static", data=batches(), verbose=False)
+    assert q[0].input_spec.observer == "histogram"
 
 
 @pytest.mark.parametrize("path", ["w8a8", "int8mm"])

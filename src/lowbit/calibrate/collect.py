@@ -54,21 +54,26 @@ def call_model(model: Callable, batch: Any, index: int = 0) -> Any:
 def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
             stats: Sequence[str] = STATS,
             observer: "str | ObserverConfig | Mapping[str, str | ObserverConfig]" = "minmax",
-            progress: bool = True) -> dict[str, LayerStats]:
+            progress: bool = True,
+            input_scale: Mapping[str, torch.Tensor] | None = None) -> dict[str, LayerStats]:
     """Run ``model`` on every batch of ``data`` under ``torch.inference_mode()`` and return, for
     each named submodule, the range of its first input (``stats`` has "range"; ``observer`` is a
     name, an `ObserverConfig`, or a dict layer name -> either) and/or its input Hessian
     (``stats`` has "hessian"), with the number of input rows (tokens) it saw.
+    ``input_scale`` (layer -> ``s`` (in_features,)): that layer's statistics are of ``x * (1 / s)``,
+    the input a run-time smoothed layer quantizes (`nn.QLinearA8`).
     """
     stats = _check_stats(stats)
     modules = _resolve(model, layer_names)
     observers = {n: make_observer(_observer_for(observer, n)) for n in modules} if "range" in stats else {}
     hessians = {n: HessianAccumulator() for n in modules} if "hessian" in stats else {}
     samples = dict.fromkeys(modules, 0)
+    inv = {n: s.detach().float().reciprocal() for n, s in (input_scale or {}).items()}
 
     def make_hook(name: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             x = _first_input(name, args, kwargs)
+            x = x * inv[name] if name in inv else x  # (..., K) * (K,)
             try:
                 if name in observers:
                     observers[name].update(x)

@@ -18,9 +18,10 @@ def load_into(model: torch.nn.Module, doc: dict, tensors: dict[str, torch.Tensor
     plan, weights, sqnr, quant_keys, built = plan_from_header(doc, tensors, model, path)
     buffers = {k: tensors.pop(k) for k in doc["nonpersistent"] if k in tensors}
     params = {n: e.get("input_params") for n, e in doc["layers"].items() if e.get("input_params")}
+    smooth = smooth_placeholders(doc)
     try:
         if plan.layers:
-            apply(model, plan, weights=weights, sqnr=sqnr, input_params=params)
+            apply(model, plan, weights=weights, sqnr=sqnr, input_params=params, input_smooth=smooth)
     except QuantizationError as exc:
         raise FormatError(f"{path}: {exc}") from None
     swap_modules(model, built)
@@ -29,6 +30,12 @@ def load_into(model: torch.nn.Module, doc: dict, tensors: dict[str, torch.Tensor
     _restore_buffers(model, buffers, path)
     _load_rest(model, {k: v for k, v in tensors.items() if k not in quant_keys}, quant_keys, path)
     _retie(model, doc["tied"], path)
+
+
+def smooth_placeholders(doc: dict) -> dict[str, torch.Tensor]:
+    """Layers smoothed at run time (``"input_smooth": true``): factors of 1 that the file's
+    ``<layer>.smooth`` tensor replaces when the float tensors load."""
+    return {n: torch.ones(e["shape"][1]) for n, e in doc["layers"].items() if e.get("input_smooth")}
 
 
 def plan_from_header(doc: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: str,

@@ -65,6 +65,9 @@ def _check_layer(name: str, entry: object, path: str) -> None:
             for k in ("scale", "zero_point"))):
         raise FormatError(f"{path}: layer {name!r}: input_params must be null or numbers "
                           f"'scale' and 'zero_point', found {params!r:.80}")
+    if not isinstance(entry.get("input_smooth", False), bool):
+        raise FormatError(f"{path}: layer {name!r}: input_smooth must be true or false, found "
+                          f"{entry['input_smooth']!r:.80}")
     db = entry.get("sqnr_db")
     if db is not None and not isinstance(db, (int, float, str)):
         raise FormatError(f"{path}: layer {name!r}: sqnr_db must be a number or null")

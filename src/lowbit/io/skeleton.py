@@ -27,7 +27,7 @@ from ..recipe import Plan
 from .format import decode_header, tensors_sha256
 from .reader import check_side_files
 from .schema import check_side_name
-from .restore import checked_tensor_names, plan_from_header
+from .restore import checked_tensor_names, plan_from_header, smooth_placeholders
 
 
 def meta_weight(kind: str, meta: dict, name: str) -> QuantizedWeight:
@@ -68,7 +68,7 @@ def skeleton_plan(doc: dict, model: torch.nn.Module, path: str) -> tuple[Plan, d
 def build_skeleton(model: torch.nn.Module, doc: dict, path: str) -> Report:
     """Swap the header's layers for quantized twins on the meta device (through `apply`)."""
     the_plan, weights, sqnr = skeleton_plan(doc, model, path)
-    report = apply(model, the_plan, weights=weights, sqnr=sqnr)
+    report = apply(model, the_plan, weights=weights, sqnr=sqnr, input_smooth=smooth_placeholders(doc))
     for name, entry in doc["layers"].items():
         model.get_submodule(name).compute_dtype = getattr(torch, entry["dtype"])
     return report

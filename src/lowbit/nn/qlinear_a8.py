@@ -57,7 +57,7 @@ class QLinearA8(_A8Mixin, QuantizedModule):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, method: str = "rtn",
                  sqnr_db: float | None = None, input_spec: ActSpec | None = None,
-                 input_params: dict | None = None) -> None:
+                 input_params: dict | None = None, input_smooth: torch.Tensor | None = None) -> None:
         super().__init__()
         why = a8_unsupported(qw.spec)
         if why:
@@ -65,6 +65,7 @@ class QLinearA8(_A8Mixin, QuantizedModule):
         self.out_features, self.in_features = qw.shape
         self._set_weight(qw, method, sqnr_db, input_spec)
         self._init_input(input_spec, input_params, "QLinearA8")
+        self._init_smooth(input_smooth)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
         self.force_path: str | None = None
         self.rebuild()
@@ -72,12 +73,45 @@ class QLinearA8(_A8Mixin, QuantizedModule):
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, qw: QuantizedWeight, method: str = "rtn",
                    sqnr_db: float | None = None, input_spec: ActSpec | None = None,
-                   input_params: dict | None = None) -> "QLinearA8":
-        return cls(qw, linear.bias, method, sqnr_db, input_spec, input_params)
+                   input_params: dict | None = None,
+                   input_smooth: torch.Tensor | None = None) -> "QLinearA8":
+        return cls(qw, linear.bias, method, sqnr_db, input_spec, input_params, input_smooth)
+
+    def _init_smooth(self, smooth: torch.Tensor | None) -> None:
+        """SmoothQuant at run time (Xiao et al., ICML 2023) for a layer whose producer cannot take
+        the factors (a post-LN norm that also feeds the residual): the weight was quantized as
+        ``W * s`` (columns) and the input is divided by ``s`` before its int8 grids. ``s`` is the
+        buffer ``smooth`` (in_features,) float32, saved with the float tensors; the header says
+        ``"input_smooth": true``. Static inputs: the calibrated grid is that of ``x / s``
+        (`calibrate.collect(input_scale=...)`). One more pass over the input either way (for
+        static inputs it could be folded into the grid's division; not done yet)."""
+        if smooth is not None:
+            smooth = torch.as_tensor(smooth).detach().float().reshape(-1).contiguous()
+            positive = smooth.is_meta or bool((smooth > 0).all())  # meta: a loader's skeleton
+            if smooth.numel() != self.in_features or not positive:
+                raise QuantizationError(f"QLinearA8: input smoothing factors must be "
+                                        f"{self.in_features} positive floats, found "
+                                        f"{tuple(smooth.shape)} (min {float(smooth.min()):.3g})")
+        self.register_buffer("smooth", smooth)
+
+    def layer_meta(self) -> dict[str, Any]:
+        return {**super().layer_meta(), **({"input_smooth": True} if self.smooth is not None else {})}
+
+    def _apply(self, fn, recurse=True):
+        """As `QuantizedModule._apply`; the smoothing factors, like the codes, keep float32 through
+        a cast (the weight was quantized with them)."""
+        smooth = self._buffers.get("smooth")
+        super()._apply(fn, recurse)
+        if smooth is not None and self._buffers["smooth"].dtype != smooth.dtype:
+            self._buffers["smooth"] = smooth.to(self._buffers["smooth"].device)
+            self.rebuild()
+        return self
 
     def _derive(self) -> None:
         """The kernel's int8 weight (``q - 128``, `kernels.layout` "int8") is the one kept copy of
         the codes; saving derives the file's uint8 codes from it."""
+        smooth = getattr(self, "smooth", None)
+        self._inv_smooth = None if smooth is None else smooth.float().reciprocal()
         qw = self.qweight  # file layout (derived from the kept one after a cast or move)
         self._prepared = prepare_w8a8(qw.qdata, qw.scale)
         self._keep_codes(self._prepared["weight"], "int8")
@@ -87,18 +121,20 @@ class QLinearA8(_A8Mixin, QuantizedModule):
 
     def _derive_none(self) -> None:
         self._prepared, self._int8mm, self._k_scales, self._paths = None, False, None, {}
+        self._inv_smooth = None
 
     def candidates(self) -> dict[str, Any]:
         """Paths this layer can take, as callables of a row count (for timing)."""
         x = timing_input(self.in_features)
         if self.input_spec.static:
             p = self.input_params
-            out = {"w8a8-static": lambda m: w8a8_static_linear(x(m), self._prepared,
+            out = {"w8a8-static": lambda m: w8a8_static_linear(self._smoothed(x(m)), self._prepared,
                                                                 p["scale"], p["zero_point"])}
         else:
-            out = {"w8a8": lambda m: w8a8_linear(x(m), self._prepared)}
+            out = {"w8a8": lambda m: w8a8_linear(x(m), self._prepared, None, self._inv_smooth)}
         if self._int8mm:
-            out["int8mm"] = lambda m: cpu.int8_linear(x(m), self._prepared["weight"], self._k_scales)
+            out["int8mm"] = lambda m: cpu.int8_linear(self._smoothed(x(m)), self._prepared["weight"],
+                                                      self._k_scales)
         return out
 
     def path_for(self, rows: int) -> str:
@@ -111,18 +147,24 @@ class QLinearA8(_A8Mixin, QuantizedModule):
             raise ValueError(f"path {path!r} is not available here; paths: {sorted(self.candidates())}")
         self.force_path = path
 
+    def _smoothed(self, x2d: torch.Tensor) -> torch.Tensor:
+        return x2d if self._inv_smooth is None else x2d.float() * self._inv_smooth  # (M, K) * (K,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
+        # no gradient flows through int8 codes; detached, the in-place epilogue also runs outside
+        # torch.no_grad() on inputs that require grad (a float embedding upstream)
+        x2d = x.reshape(-1, self.in_features).detach()
         bias = self._float_bias()
         path = self.path_for(x2d.shape[0]) if x2d.shape[0] else "w8a8"
         if path == "int8mm":
-            y = cpu.int8_linear(x2d, self._prepared["weight"], self._k_scales).float()
+            y = cpu.int8_linear(self._smoothed(x2d), self._prepared["weight"], self._k_scales).float()
             y = y if bias is None else y.add_(bias)
         elif self.input_spec.static:
             p = self.input_params
-            y = w8a8_static_linear(x2d.float(), self._prepared, p["scale"], p["zero_point"], bias)
+            y = w8a8_static_linear(self._smoothed(x2d.float()), self._prepared, p["scale"],
+                                   p["zero_point"], bias)
         else:
-            y = w8a8_linear(x2d.float().contiguous(), self._prepared, bias)
+            y = w8a8_linear(x2d.float().contiguous(), self._prepared, bias, self._inv_smooth)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
