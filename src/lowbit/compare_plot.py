@@ -18,7 +18,7 @@ def _pyplot():
 
 def plot_report(report, path: Path) -> Path:
     plt = _pyplot()
-    fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1.15, 1]})
+    fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(12, 5.4), gridspec_kw={"width_ratios": [1.15, 1]})
     _quality_panel(ax_q, report)
     _latency_panel(ax_t, report)
     fig.suptitle(f"{report.model}: {report.task} task, {report.cpu}, {report.threads} thread(s)", fontsize=11)
@@ -35,14 +35,14 @@ def _quality_panel(ax, report) -> None:
     ax.axhline(ys[0], color="0.6", linestyle="--", linewidth=1, label="fp32")
     ax.scatter(xs, ys, s=45, color=["0.3" if r.label == "fp32" else ("tab:red" if r.flags else "tab:blue")
                                     for r in report.rows], zorder=3)
-    for i, (x, y, r) in enumerate(zip(xs, ys, report.rows)):
-        ax.annotate(r.label, (x, y), textcoords="offset points", fontsize=9,
-                    xytext=(6, 8 if i % 2 == 0 else -14))  # alternate above/below: close points stay legible
+    for x, y, r in zip(xs, ys, report.rows):
+        ax.annotate(r.label, (x, y), textcoords="offset points", fontsize=9, xytext=(7, 3))
     ax.set_xlabel("size on disk (MB)")
     direction = "higher" if report.higher_is_better else "lower"
     ax.set_ylabel(f"{report.metric} ({direction} is better)")
-    ax.set_title("quality vs size")
-    ax.set_xlim(0, max(xs) * 1.18)
+    ax.set_title("quality vs size (red: slower than fp32 at some batch)")
+    ax.margins(y=0.15)
+    ax.set_xlim(0, max(xs) * 1.25)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
 
@@ -64,4 +64,5 @@ def _latency_panel(ax, report) -> None:
     ax.set_title("latency (median of interleaved rounds)")
     ax.set_xlim(0, ax.get_xlim()[1] * 1.12)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(report.batches), fontsize=8,
+              frameon=False)

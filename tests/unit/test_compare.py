@@ -135,3 +135,19 @@ def test_slow_flag_names_the_missing_kernel():
     assert slow_flags(fp32, fp32, layer_speeds(w3)) == ()
     other = slow_flags(slower, fp32, layer_speeds(fast))
     assert "no quantized layer is slower than float" in other[0]
+
+
+def test_cli_compare_writes_json_and_markdown(tiny_dir, tmp_path, capsys):
+    from lowbit import cli
+    j, m = tmp_path / "r.json", tmp_path / "r.md"
+    code = cli.main(["compare", str(tiny_dir), "--schemes", "fp32,w8", "w4g32", "--rounds", "1",
+                     "--batch", "1,2", "--no-memory", "--threads", "1", "--json", str(j), "--markdown", str(m)])
+    out = capsys.readouterr().out
+    assert code == 0 and f"json: {j}" in out and f"markdown: {m}" in out
+    r = CompareReport.from_json(j.read_text())
+    assert [x.label for x in r.rows] == ["fp32", "w8", "w4g32"] and r.batches == (1, 2)
+    assert all(f"| {s}" in m.read_text() for s in ("fp32", "w8", "w4g32"))
+    code = cli.main(["compare", str(tiny_dir), "--method", "rtn,gptq"])
+    assert code == 2 and "--method gptq and static schemes need --calibration" in capsys.readouterr().err
+    code = cli.main(["compare", str(tiny_dir), "--schemes", "w5x"])
+    assert code == 2 and "w5x" in capsys.readouterr().err
