@@ -3,7 +3,8 @@ user would ship it: saved with `lowbit.save`, loaded back with `lowbit.load`, th
 
 - bytes on disk: the saved weights file (fp32 too is saved through `lowbit.save`);
 - resident memory: a fresh Python process loads the saved folder and reports its RSS growth and
-  peak (VmHWM) over the baseline with torch, transformers and lowbit imported (`rss_probe`);
+  peak (VmHWM) over the baseline with torch, transformers and lowbit imported (`rss_probe`; the
+  probes run beside the next rows' work, and are all done before any timing starts);
 - latency at batch 1 and a larger batch: every loaded model, fp32 included, timed in this process
   with `eval.timing.interleaved` (the timing code of `benchmarks/`), round by round;
 - quality on a `lowbit.tasks` task and its delta vs fp32.
@@ -49,14 +50,30 @@ def rss_probe(path: str | Path, threads: int = 1, timeout_s: float = 300) -> tup
     """(RSS growth, peak RSS over the baseline) in MB while a FRESH process runs `lowbit.load` on
     ``path``. The baseline is taken after torch, transformers (the saved class) and lowbit are
     imported, so the figures are the model's, not the libraries'."""
+    return finish_probe(start_probe(path, threads), timeout_s)
+
+
+def start_probe(path: str | Path, threads: int = 1) -> tuple[subprocess.Popen, str]:
+    """Start `rss_probe`'s fresh process and return at once (it runs beside the caller's work)."""
     src = str(Path(__file__).resolve().parents[1])  # the folder that holds this lowbit
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(threads)], capture_output=True,
-                         text=True, env=env, timeout=timeout_s)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory probe of {path} failed: {out.stderr.strip()[-500:]}")
-    d = json.loads(out.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", _PROBE, str(path), str(threads)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    return proc, str(path)
+
+
+def finish_probe(probe: tuple[subprocess.Popen, str], timeout_s: float = 300) -> tuple[float, float]:
+    proc, path = probe
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"memory probe of {path}: no answer in {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {path} failed: {err.strip()[-500:]}")
+    d = json.loads(out.strip().splitlines()[-1])
     return d["rss_mb"], d["peak_mb"]
 
 
@@ -218,16 +235,21 @@ def compare(model_or_path: "str | Path | torch.nn.Module", schemes: Sequence[str
 
 
 def _measure_rows(model, plan, task: Task, data, work: Path, side: dict, memory: bool, progress: bool):
+    """Quantize, save, load and score each row; each row's memory probe runs in its own fresh
+    process beside the next rows' work, and all have finished when this returns (before timing)."""
     from tqdm.auto import tqdm
-    out = {}
+    out, probes = {}, {}
     bar = tqdm(plan, desc="lowbit compare", unit="scheme", file=sys.stderr, disable=not progress)
     for label, scheme, method in bar:
         bar.set_postfix_str(label)
         folder = work / label.replace(" ", "-")
         loaded, path = _quantize_saved(model, scheme, method, data, folder, side)
-        rss = rss_probe(folder, torch.get_num_threads()) if memory and hasattr(model, "config") else (None, None)
+        if memory and hasattr(model, "config"):
+            probes[label] = start_probe(folder, torch.get_num_threads())
         out[label] = {"scheme": scheme, "method": method, "model": loaded, "bytes": path.stat().st_size,
-                      "rss": rss, "quality": task(loaded), "speeds": guardrail.layer_speeds(loaded)}
+                      "rss": (None, None), "quality": task(loaded), "speeds": guardrail.layer_speeds(loaded)}
+    for label, probe in probes.items():
+        out[label]["rss"] = finish_probe(probe)
     return out
 
 
@@ -248,5 +270,5 @@ def _report(name, task: Task, measured: dict, lat: dict, batch, rounds, load_avg
                          rounds, tuple(rows), tuple(notes))
 
 
-__all__ = ["DEFAULT_SCHEMES", "SLOWER_THAN_FP32", "batch_inputs", "compare", "rss_probe", "scheme_recipe",
-           "slow_flags", "slow_reason", "time_models"]
+__all__ = ["DEFAULT_SCHEMES", "SLOWER_THAN_FP32", "batch_inputs", "compare", "finish_probe", "rss_probe",
+           "scheme_recipe", "slow_flags", "slow_reason", "start_probe", "time_models"]

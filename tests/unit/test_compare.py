@@ -41,7 +41,7 @@ def tiny_dir(tmp_path_factory):
 def report_and_work(tiny_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     r = compare(str(tiny_dir), schemes=("fp32", "w8", "w4g32"), rounds=1, batch=(1, 4),
-                memory=False, workdir=work, progress=False)
+                memory=False, workdir=work, progress=False)  # the probe: test_rss_probe_fresh_process
     return r, work
 
 
@@ -57,6 +57,7 @@ def test_report_fields_consistent(report_and_work):
         assert set(row.quality) == {"wordsim_spearman", "cos_mean", "cos_min"}
         assert row.delta == pytest.approx(row.quality["wordsim_spearman"] - fp32.quality["wordsim_spearman"])
         assert row.drop == pytest.approx(-row.delta)  # higher is better: drop is minus delta
+        assert row.rss_mb is None and row.peak_rss_mb is None  # memory=False
     assert fp32.delta == 0 and fp32.drop == 0 and fp32.size_ratio == 1 and fp32.flags == ()
     assert w4.file_bytes < w8.file_bytes < fp32.file_bytes
     assert (r.task, r.metric, r.higher_is_better, r.batches) == ("embeddings", "wordsim_spearman", True, (1, 4))
