@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 MIXED_FILE_BYTES_MAX = 29.6e6  # bitsandbytes nf4 29.6 MB, torchao int4 g128 29.7 MB; measured 18.43e6
 W4G128_SQNR_DB_MIN = 15.0      # per-layer SQNR of RTN w4g128 on MiniLM; measured 18.25 .. 19.93 dB
+FP32_SELF_COS_TOL = 1e-6        # measured 1 - 1.8e-7
 DEMO_W8_COS_MEAN_MIN = 0.9995  # measured 0.99962
 DEMO_FP32_FILE_MB = 90.87524   # the packaged fp32 model saved by lowbit.save (header: versions, side-file sums)
 DEMO_W8_FILE_MB = 59.072712    # w8 Linear layers, fp32 embeddings and head; measured
@@ -167,7 +168,9 @@ def test_demo_smoke(minilm_dir, wordsim_pairs, tmp_path, capsys):
     fp32, w8 = r.rows
     assert fp32.file_bytes / 1e6 == pytest.approx(DEMO_FP32_FILE_MB, rel=1e-4) and fp32.size_ratio == 1.0
     assert w8.file_bytes / 1e6 == pytest.approx(DEMO_W8_FILE_MB, rel=1e-3)
-    assert (fp32.quality["cos_mean"], fp32.quality["cos_min"]) == (1.0, 1.0)
+    # the measured fp32 is the saved-and-loaded model, the reference the packaged one: equal up to
+    # float rounding (the rebuilt model may take another attention kernel)
+    assert fp32.quality["cos_min"] == pytest.approx(1.0, abs=FP32_SELF_COS_TOL)
     assert w8.quality["cos_mean"] >= DEMO_W8_COS_MEAN_MIN and w8.quality["cos_min"] <= w8.quality["cos_mean"]
     for row in r.rows:
         assert [t.batch for t in row.latency] == [1, 64]
