@@ -1,12 +1,14 @@
 """lowbit: quantize trained PyTorch models and embedding tables, and measure what it cost.
 
-The public verbs: `quantize`, `plan`, `save`, `load`, `sensitivity`, `tune`; training for compression: `qat.prepare` /
-`qat.convert`, `quant_noise`, `ipq.quantize` / `ipq.size_report`. Nothing happens at import.
+The public verbs: `quantize`, `plan`, `save`, `load`, `compare` (its tasks: `lowbit.tasks`),
+`sensitivity`, `tune`; training for compression: `qat.prepare` / `qat.convert`, `quant_noise`,
+`ipq.quantize` / `ipq.size_report`. Nothing happens at import.
 """
 from ._version import __version__
 
 from . import ipq, qat
 from .api import make_recipe, plan, quantize
+from .comparison import compare
 from .noise import quant_noise
 from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
@@ -17,5 +19,5 @@ from .tune import tune
 from . import tables  # lowbit.tables.open / build / push / export (Redis and Dask load only when used)
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
-           "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
+           "RecipeError", "Rule", "SchemeError", "compare", "load", "make_recipe", "parse_scheme", "plan",
            "quantize", "quantize_weight", "save", "ipq", "qat", "quant_noise", "sensitivity", "tune"]

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import ipq_cli, lm_cli, tune_cli
+from . import compare_cli, ipq_cli, lm_cli, tune_cli
 from .spec import OBSERVERS, VALID_FORMS
 
 
@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--threads", type=int, default=None, help="torch threads (decisions are per count)")
     i = sub.add_parser("inspect", help="per-layer table of a lowbit folder or file")
     i.add_argument("path")
-    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
-    d.add_argument("--schemes", nargs="+", default=None, help="demo labels (default: w8 w4g128 w4g32 w4g128+emb8)")
+    d = sub.add_parser("demo", help="lowbit compare on all-MiniLM-L6-v2: size, memory, speed, quality, plot")
+    d.add_argument("--schemes", nargs="+", default=None,
+                   help="scheme labels (default: fp32 w8 w8a8 w4g128 w4g32 w4g128+emb8)")
+    d.add_argument("--plot", default="lowbit-demo.png", help="where the plot goes (default ./lowbit-demo.png)")
     d.add_argument("--rounds", type=int, default=5, help="timing rounds (batch-1 uses 6x as many)")
     d.add_argument("--threads", type=int, default=None, help="torch threads (1 gives the steadiest timings)")
     d.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     ipq_cli.add_parser(sub)
     tune_cli.add_parsers(sub)  # lowbit sensitivity / lowbit tune
+    compare_cli.add_parser(sub)  # lowbit compare PATH --schemes ... [--json/--markdown/--plot]
     return p
 
 
@@ -111,9 +114,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.tables:
         raise ValueError("--tables applies to 'lowbit demo ctr' only")
     from . import demo
-    kwargs = {"rounds": args.rounds, "threads": args.threads, "json_path": args.json_path}
+    kwargs = {"rounds": args.rounds, "threads": args.threads, "json_path": args.json_path, "plot": args.plot}
     if args.schemes:
-        kwargs["schemes"] = tuple(args.schemes)
+        kwargs["schemes"] = compare_cli.split_labels(args.schemes)
     demo.main(**kwargs)
     return 0
 
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"quantize": cmd_quantize, "inspect": cmd_inspect, "demo": cmd_demo, "kernels": cmd_kernels,
                "eval": lm_cli.cmd_eval, "table": lambda a: a.table_func(a),
                "serve": lambda a: a.serve_func(a), "ipq": ipq_cli.cmd_ipq,
-               "sensitivity": tune_cli.cmd_sensitivity, "tune": tune_cli.cmd_tune}[args.command]
+                "sensitivity": tune_cli.cmd_sensitivity, "tune": tune_cli.cmd_tune,
+                "compare": compare_cli.cmd_compare}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError) as exc:  # our errors name the problem: show them plainly

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .compare_cli import task_options
 from .spec import VALID_FORMS
 
 DEFAULT_TASK = "embeddings"
@@ -62,20 +63,6 @@ def add_recipe_flag(q: argparse.ArgumentParser) -> None:
     q.add_argument("--recipe", default=None, metavar="RECIPE_JSON",
                    help="per-layer schemes from a recipe file (what lowbit tune writes); "
                         "replaces --scheme/--targets/--ignore/--embeddings")
-
-
-def task_options(args: argparse.Namespace) -> dict:
-    """The task's options from ``--text/--context/--stride`` (lm) or ``--data`` (classify), as
-    ``lowbit compare`` reads them; a flag given for another task is an error."""
-    if args.task == "lm":
-        return {"text": args.text, "context": args.context, "stride": args.stride}
-    if args.task == "classify":
-        return {"data": args.data}
-    for flag in ("text", "data"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag} applies to --task {'lm' if flag == 'text' else 'classify'}, "
-                             f"not {args.task}")
-    return {}
 
 
 def _load(args: argparse.Namespace):
