@@ -44,6 +44,18 @@ def source_sha256(model: torch.nn.Module) -> str:
     return tensors_sha256({k: t for k, t in model.state_dict().items() if not t.is_meta})
 
 
+def source_entries(scheme, recipe: Recipe, method: str, targets, ignore, sha256: str) -> dict:
+    """The provenance entries saying what was asked for (scheme, method, float model's hash,
+    targets and ignore as given), shared by `quantize` and `lowbit.streaming`."""
+    source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
+              "method": method, "source_sha256": sha256}
+    if isinstance(scheme, str):
+        source.update(targets=[targets] if isinstance(targets, str) else
+                      (None if targets is None else list(targets)),
+                      ignore=[ignore] if isinstance(ignore, str) else list(ignore))
+    return source
+
+
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
              data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
@@ -72,12 +84,7 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     from . import provenance, sequential as seq
     recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
-    source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
-              "method": method, "source_sha256": source_sha256(model)}
-    if isinstance(scheme, str):
-        source.update(targets=[targets] if isinstance(targets, str) else
-                      (None if targets is None else list(targets)),
-                      ignore=[ignore] if isinstance(ignore, str) else list(ignore))
+    source = source_entries(scheme, recipe, method, targets, ignore, source_sha256(model))
     data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
     if smooth is not None:
         data = materialize(data)

@@ -19,9 +19,6 @@ Two routes, both through the hooks of transformers' `HfQuantizer`:
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import re
 import sys
@@ -32,6 +29,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..apply import Report, apply
 from ..errors import FormatError, LowbitError, QuantizationError
+from ..memory import release_freed_memory as _release_freed_memory
 from ..nn import QuantizedModule
 from ..io.format import encode_header
 from ..io.restore import _restore_buffers, _retie
@@ -194,24 +192,6 @@ def _own_float_tensors(model) -> None:
         for t in list(module._parameters.values()) + buffers:
             if t is not None and not t.is_meta:
                 t.data = t.data.clone()
-
-
-def _release_freed_memory() -> None:
-    """Hand heap pages freed by the layer just quantized back to the OS (glibc's ``malloc_trim``;
-    a no-op elsewhere). Without it glibc keeps the blocks' float temporaries as heap, and the
-    process's resident memory grows with every layer although nothing is held."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def _check_config(config, doc: dict, path: str) -> None:
