@@ -1,6 +1,7 @@
 """lowbit: quantize trained PyTorch models and embedding tables, and measure what it cost.
 
-The public verbs: `quantize`, `plan`, `save`, `load`; training for compression: `qat.prepare` /
+The public verbs: `quantize`, `plan`, `save`, `load`, `quantize_checkpoint` (from shards, for
+models larger than memory); training for compression: `qat.prepare` /
 `qat.convert`, `quant_noise`, `ipq.quantize` / `ipq.size_report`. Nothing happens at import.
 """
 from ._version import __version__
@@ -11,9 +12,10 @@ from .noise import quant_noise
 from .io import FormatError, load, save
 from .primitives import QuantizationError, QuantizedWeight, quantize_weight
 from .recipe import Plan, Recipe, RecipeError, Rule
+from .streaming import quantize_checkpoint
 from .spec import QuantSpec, SchemeError, parse_scheme
 from . import tables  # lowbit.tables.open / build / push / export (Redis and Dask load only when used)
 
 __all__ = ["FormatError", "Plan", "QuantSpec", "QuantizationError", "QuantizedWeight", "Recipe",
            "RecipeError", "Rule", "SchemeError", "load", "make_recipe", "parse_scheme", "plan",
-           "quantize", "quantize_weight", "save", "ipq", "qat", "quant_noise"]
+           "quantize", "quantize_checkpoint", "quantize_weight", "save", "ipq", "qat", "quant_noise"]

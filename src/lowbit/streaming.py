@@ -56,18 +56,21 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
                         targets: Sequence[str] | None = None, ignore: Sequence[str] = (),
                         embeddings: str | None = None, method_options: dict | None = None,
                         side_files: Mapping[str, str | os.PathLike] | None = None,
-                        progress: bool = True) -> Path:
+                        allow_empty: bool = False, progress: bool = True, verbose: bool = True) -> Path:
     """Quantize the transformers checkpoint folder ``src`` into the lowbit folder ``out`` without
     loading it whole (see the module docstring); returns the weights file's path.
 
     Arguments as `lowbit.quantize` takes them; ``embeddings`` (a scheme) also quantizes Embedding
     layers, as ``lowbit quantize --embeddings`` does; ``side_files`` as `lowbit.save` takes them.
+    ``verbose`` prints the report (layers, bytes) as `quantize` does. Not supported here:
+    ``smooth`` and ``observer`` (they need the whole model), and calibrated layers outside the
+    repeated blocks (a `RecipeError` names them). The speed guardrail does not run.
     """
     ckpt = FloatCheckpoint(src)
     model = float_skeleton(ckpt.folder)
     scheme, targets, ignore = with_embeddings(scheme, targets, ignore, embeddings)
     recipe = make_recipe(scheme, targets, ignore, method, method_options)
-    the_plan = plan_recipe(model, recipe)
+    the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     data = provenance.as_batches(data)
     extra = nonpersistent_buffers(model)
     ckpt.groups = tie_groups(model, extra)
@@ -82,6 +85,8 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
             run.run(data, calibration_needs(the_plan))
             model.lowbit_source = {**source, **provenance.method_provenance(the_plan, data, True)}
             model.lowbit_report = run.report
+            if verbose:
+                print(run.report, file=sys.stderr)
             return save_streamed(model, out, run.spool, run.keys, sorted(extra), side_files)
         finally:
             run.spool.close()

@@ -122,3 +122,18 @@ def test_a_missing_tensor_is_named(tmp_path):
 def test_a_folder_without_config_is_refused(tmp_path):
     with pytest.raises(FormatError, match="no config.json"):
         quantize_checkpoint(tmp_path, "w4g32", tmp_path / "out", progress=False)
+
+
+def test_cli_stream_writes_the_same_artifact_and_reports_peak_memory(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.models import side_files
+    src = llama_folder(tmp_path / "src")
+    assert "model.safetensors.index.json" not in side_files(src)  # the float shards' index stays behind
+    model = lowbit.quantize(loaded(src, transformers.LlamaForCausalLM), "w4g32", verbose=False)
+    lowbit.save(model, tmp_path / "ref", side_files=side_files(src))
+    assert main(["quantize", str(src), "--scheme", "w4g32", "--stream", "--out", str(tmp_path / "cli")]) == 0
+    same_files(tmp_path / "ref", tmp_path / "cli")
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["config.json", "generation_config.json",
+                                                                    "model.safetensors"]
+    assert "peak memory (RSS)" in capsys.readouterr().out
+    assert main(["quantize", str(src), "--stream", "--smooth", "0.5", "--out", str(tmp_path / "x")]) == 2
