@@ -29,12 +29,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gptq_smollm2 import calibration, cpu_name, load_smollm2  # noqa: E402
 
+SHARD_BYTES = 100 * 2**20
+
 
 def convert(folder: Path) -> float:
     """The GGUF model as fp32 safetensors shards + tokenizer in ``folder``; returns its MB."""
-    model, tok = load_smollm2()
-    model.save_pretrained(folder, max_shard_size="100MB")
+    from safetensors.torch import save_file
+    model, tok = load_smollm2()  # a GGUF-loaded model refuses save_pretrained: write the shards here
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
     tok.save_pretrained(folder)
+    state = {k: t.contiguous() for k, t in model.state_dict().items()
+             if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    shards, size = [{}], 0
+    for k, t in state.items():
+        if size and size + t.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += t.nbytes
+    weight_map = {}
+    for i, part in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 

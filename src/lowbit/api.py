@@ -44,6 +44,16 @@ def source_sha256(model: torch.nn.Module) -> str:
     return tensors_sha256({k: t for k, t in model.state_dict().items() if not t.is_meta})
 
 
+def with_embeddings(scheme, targets, ignore, embeddings: str | None):
+    """(scheme, targets, ignore) with an Embedding rule added when ``embeddings`` names a scheme
+    (the one recipe ``lowbit quantize --embeddings`` builds)."""
+    if not embeddings:
+        return scheme, targets, ignore
+    rules = (Rule(tuple(targets or ("Linear",)), scheme, tuple(ignore)),
+             Rule(("Embedding",), embeddings, tuple(ignore)))
+    return Recipe(rules, skip_output_head=targets is None), None, ()
+
+
 def source_entries(scheme, recipe: Recipe, method: str, targets, ignore, sha256: str) -> dict:
     """The provenance entries saying what was asked for (scheme, method, float model's hash,
     targets and ignore as given), shared by `quantize` and `lowbit.streaming`."""

@@ -162,12 +162,13 @@ def module_state(module: torch.nn.Module, recurse: bool) -> dict[str, torch.Tens
 
 
 def load_modules(model: torch.nn.Module, units: list[tuple[str, bool]], ckpt: FloatCheckpoint) -> None:
-    """Give each ``(module name, recurse)`` its float tensors from ``ckpt`` (those still on meta)."""
+    """Give each ``(module name, recurse)`` its tensors from ``ckpt``: those on meta, and buffers
+    the constructor made that the files hold too (the files win, as in from_pretrained)."""
     wanted = {}
     for name, recurse in units:
         prefix = f"{name}." if name else ""
         wanted.update({prefix + k: t for k, t in module_state(model.get_submodule(name), recurse).items()
-                       if t.is_meta})
+                       if t.is_meta or prefix + k in ckpt.where})
     got = ckpt.read(wanted)
     for name, recurse in units:
         prefix = f"{name}." if name else ""

@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .models import load_transformers, resolve_model_dir, side_files
-    from .recipe import Recipe, Rule
     from .spec import parse
     for scheme_text in filter(None, (args.scheme, args.embeddings)):
         parse(scheme_text)  # a typo fails before the model is loaded
@@ -67,13 +66,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.stream:
         return cmd_quantize_stream(args, src, out)
     model, tok = load_transformers(src)
-    scheme = args.scheme
-    if args.embeddings:
-        rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore)),
-                 Rule(("Embedding",), args.embeddings, tuple(args.ignore)))
-        scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
-    else:
-        targets, ignore = args.targets, args.ignore
+    scheme, targets, ignore = api.with_embeddings(args.scheme, args.targets, args.ignore, args.embeddings)
     api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
                  observer=args.observer, smooth=args.smooth, **lm_cli.quantize_kwargs(args, tok))
     path = io.save(model, out, side_files=side_files(src))

@@ -32,7 +32,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from . import provenance
-from .api import calibration_needs, make_recipe, source_entries
+from .api import calibration_needs, make_recipe, source_entries, with_embeddings
 from .apply import Report, apply
 from .calibrate import capture_inputs, collect
 from .checkpoint import (FloatCheckpoint, float_skeleton, load_modules, module_state, release_modules,
@@ -43,7 +43,7 @@ from .io.serialize import nonpersistent_buffers
 from .io.stream import TensorSpool, save_streamed
 from .memory import release_freed_memory
 from .nn import QuantizedModule
-from .recipe import Plan, Recipe, Rule
+from .recipe import Plan, Recipe
 from .recipe import plan as plan_recipe
 from .sequential import _BlockCall, _kinds, find_blocks, run_block, without_caches
 from .spec import QuantSpec, Scheme
@@ -90,16 +90,6 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
             return save_streamed(model, out, run.spool, run.keys, sorted(extra), side_files)
         finally:
             run.spool.close()
-
-
-def with_embeddings(scheme, targets, ignore, embeddings: str | None):
-    """(scheme, targets, ignore) with an Embedding rule added when ``embeddings`` names a scheme
-    (the one recipe ``lowbit quantize --embeddings`` builds)."""
-    if not embeddings:
-        return scheme, targets, ignore
-    rules = (Rule(tuple(targets or ("Linear",)), scheme, tuple(ignore)),
-             Rule(("Embedding",), embeddings, tuple(ignore)))
-    return Recipe(rules, skip_output_head=targets is None), None, ()
 
 
 class _Stream:

@@ -10,7 +10,8 @@ import torch
 
 import lowbit
 from lowbit.errors import FormatError, RecipeError
-from lowbit.streaming import quantize_checkpoint, with_embeddings
+from lowbit.api import with_embeddings
+from lowbit.streaming import quantize_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
