@@ -6,6 +6,7 @@ from_pretrained (fp32), which must fail. Prints one JSON line."""
 from __future__ import annotations
 
 import json
+import traceback
 import resource
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def attempt(fn) -> str | None:
     try:
         fn()
     except (MemoryError, RuntimeError, OSError) as exc:
+        traceback.print_exc()
         return f"{type(exc).__name__}: {str(exc)[:160]}"
     return None
 

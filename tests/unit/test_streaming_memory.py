@@ -23,6 +23,7 @@ from lowbit.checkpoint import float_skeleton  # noqa: E402
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 
 BUDGET_MB = 100  # private memory the child may add after its imports
+PEAK_BLOCKS_MAX = 3  # streaming's peak RSS growth, in fp32 blocks (measured: 2.2)
 LAYERS, HIDDEN, FFN = 8, 640, 2560  # one block: 6.6M params, 26 MB fp32; the model: 215 MB fp32
 CHILD = Path(__file__).with_name("stream_memory_child.py")
 
@@ -55,13 +56,17 @@ def test_a_checkpoint_larger_than_the_memory_cap_streams_and_a_whole_load_does_n
     fp32_bytes = write_checkpoint(src)
     file_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert file_bytes > BUDGET_MB * 2**20 and fp32_bytes > 2 * BUDGET_MB * 2**20
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # glibc raises its mmap threshold after each large free, so later large tensors come from the
+    # heap, whose freed, never-touched pages stay in VmData (what RLIMIT_DATA counts) though not
+    # resident; a fixed threshold makes the cap count memory in use (for both paths alike)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MALLOC_MMAP_THRESHOLD_": "131072"}
     run = subprocess.run([sys.executable, str(CHILD), str(src), str(tmp_path / "out"), str(BUDGET_MB)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["stream_error"] is None
-    assert got["stream_peak_growth_mb"] < BUDGET_MB
+    block_mb = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * FFN) * 4 / 2**20
+    assert got["stream_peak_growth_mb"] < min(BUDGET_MB, PEAK_BLOCKS_MAX * block_mb)
     assert got["whole_error"] is not None and "memory" in got["whole_error"].lower()
     import lowbit
     doc = lowbit.io.read_header(tmp_path / "out")
