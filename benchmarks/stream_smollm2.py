@@ -40,6 +40,7 @@ def convert(folder: Path) -> float:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # the GGUF config names none: keep the LM head
     config.save_pretrained(folder)
     tok.save_pretrained(folder)
     state = {k: t.contiguous() for k, t in model.state_dict().items()

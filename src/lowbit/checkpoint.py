@@ -44,6 +44,7 @@ class FloatCheckpoint:
             with self._open(f) as h:
                 self.where.update(dict.fromkeys(h.keys(), f))
         self.groups: dict[str, int] = {}
+        self.prefix = ""  # the model's base_model_prefix: a head-less model reads "<prefix>.<key>"
         self.nbytes = sum(f.stat().st_size for f in self.files)
 
     @staticmethod
@@ -54,15 +55,24 @@ class FloatCheckpoint:
             raise FormatError(f"{f}: not a readable safetensors file: {str(exc)[:200]}") from None
 
     def source_key(self, key: str) -> str:
-        """The key (``key`` itself or a tied twin) that the files hold."""
-        if key in self.where:
-            return key
+        """The key (``key`` itself, with or without the base model prefix, or a tied twin) that
+        the files hold (as transformers' from_pretrained finds it)."""
+        p = f"{self.prefix}." if self.prefix else None
+        for k in (key, p and p + key, p and key.startswith(p) and key[len(p):]):
+            if k and k in self.where:
+                return k
         group = self.groups.get(key)
         twins = sorted(k for k, g in self.groups.items() if g == group and k in self.where)
         if group is None or not twins:
             raise FormatError(f"{self.folder}: tensor {key!r} is not in the checkpoint "
                               f"({len(self.where)} tensors in {len(self.files)} file(s))")
         return twins[0]
+
+    def holds(self, key: str) -> bool:
+        try:
+            return self.source_key(key) in self.where
+        except FormatError:
+            return False
 
     def read(self, wanted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{key: tensor} for the skeleton tensors ``wanted`` (meta), each cast to its dtype and
@@ -97,7 +107,7 @@ class LazyFloat(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         like = self._skeleton[key]
-        if not like.is_meta and key not in self._ckpt.where:
+        if not like.is_meta and not self._ckpt.holds(key):
             return like  # a persistent buffer the constructor made and the files do not hold
         return self._ckpt.read({key: like})[key]
 
@@ -168,7 +178,7 @@ def load_modules(model: torch.nn.Module, units: list[tuple[str, bool]], ckpt: Fl
     for name, recurse in units:
         prefix = f"{name}." if name else ""
         wanted.update({prefix + k: t for k, t in module_state(model.get_submodule(name), recurse).items()
-                       if t.is_meta or prefix + k in ckpt.where})
+                       if t.is_meta or ckpt.holds(prefix + k)})
     got = ckpt.read(wanted)
     for name, recurse in units:
         prefix = f"{name}." if name else ""

@@ -74,6 +74,7 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
     data = provenance.as_batches(data)
     extra = nonpersistent_buffers(model)
     ckpt.groups = tie_groups(model, extra)
+    ckpt.prefix = getattr(model, "base_model_prefix", "") or ""
     sha = tensors_sha256(ckpt.lazy(model.state_dict(keep_vars=True)))
     source = source_entries(scheme, recipe, method, targets, ignore, sha)
     out = Path(out)

@@ -138,3 +138,16 @@ def test_cli_stream_writes_the_same_artifact_and_reports_peak_memory(tmp_path, c
                                                                     "model.safetensors"]
     assert "peak memory (RSS)" in capsys.readouterr().out
     assert main(["quantize", str(src), "--stream", "--smooth", "0.5", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_head_less_model_reads_a_checkpoint_with_the_base_prefix(tmp_path):
+    """A config without ``architectures`` builds AutoModel (LlamaModel: keys without "model.")
+    from a LlamaForCausalLM checkpoint, as from_pretrained does."""
+    src = llama_folder(tmp_path / "src", tied=False)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["architectures"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = lowbit.quantize(loaded(src, transformers.AutoModel), "w4g32", verbose=False)
+    lowbit.save(model, tmp_path / "ref")
+    quantize_checkpoint(src, "w4g32", tmp_path / "stream", progress=False)
+    same_files(tmp_path / "ref", tmp_path / "stream")
