@@ -37,9 +37,9 @@ from .apply import Report, apply
 from .calibrate import capture_inputs, collect
 from .checkpoint import (FloatCheckpoint, float_skeleton, load_modules, module_state, release_modules,
                          tie_groups)
-from .errors import RecipeError
+from .errors import FormatError, RecipeError
 from .io.format import tensors_sha256
-from .io.serialize import nonpersistent_buffers
+from .io.serialize import _replaceable, nonpersistent_buffers
 from .io.stream import TensorSpool, save_streamed
 from .memory import release_freed_memory
 from .nn import QuantizedModule
@@ -66,6 +66,9 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
     ``smooth`` and ``observer`` (they need the whole model), and calibrated layers outside the
     repeated blocks (a `RecipeError` names them). The speed guardrail does not run.
     """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or not _replaceable(out)):  # now, not after the work
+        raise FormatError(f"{out}: exists and is not a lowbit folder or empty; refusing to replace it")
     ckpt = FloatCheckpoint(src)
     model = float_skeleton(ckpt.folder)
     scheme, targets, ignore = with_embeddings(scheme, targets, ignore, embeddings)
@@ -77,7 +80,6 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
     ckpt.prefix = getattr(model, "base_model_prefix", "") or ""
     sha = tensors_sha256(ckpt.lazy(model.state_dict(keep_vars=True)))
     source = source_entries(scheme, recipe, method, targets, ignore, sha)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".lowbit-stream-", dir=out.parent) as tmp:
         run = _Stream(model, the_plan, ckpt, TensorSpool(Path(tmp) / "tensors.bin"), progress)

@@ -151,3 +151,11 @@ def test_a_head_less_model_reads_a_checkpoint_with_the_base_prefix(tmp_path):
     lowbit.save(model, tmp_path / "ref")
     quantize_checkpoint(src, "w4g32", tmp_path / "stream", progress=False)
     same_files(tmp_path / "ref", tmp_path / "stream")
+
+
+def test_a_foreign_output_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FormatError, match="refusing to replace"):
+        quantize_checkpoint(tmp_path / "no-such-model", "w4g32", tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
