@@ -47,3 +47,15 @@ def test_unsupported_dtype_and_repeated_key_are_named(tmp_path):
     spool.add("a", torch.zeros(1))
     with pytest.raises(FormatError, match="'a' was written twice"):
         spool.add("a", torch.zeros(1))
+
+
+def test_spool_sha256_is_tensors_sha256(tmp_path):
+    from lowbit.io.format import tensors_sha256
+    g = torch.Generator().manual_seed(1)
+    tensors = {"b.w": torch.randn(5, 7, generator=g), "a.q": torch.randint(0, 255, (9,), dtype=torch.uint8),
+               "c.e": torch.zeros(0, 3), "d.h": torch.randn(4, generator=g).to(torch.bfloat16)}
+    spool = TensorSpool(tmp_path / "scratch")
+    for k, t in tensors.items():
+        spool.add(k, t)
+    assert spool.sha256({k: k for k in tensors}) == tensors_sha256(tensors)
+    assert all(torch.equal(spool[k], t) for k, t in tensors.items())

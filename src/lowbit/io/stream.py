@@ -24,6 +24,7 @@ Offsets count from the first tensor byte. lowbit's own header (``FORMAT_VERSION`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -85,10 +86,22 @@ class TensorSpool(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         e = self.entries[key]
-        buf = bytearray(b"".join(self.read_bytes(key)))
-        if not buf:
-            return torch.empty(e.shape, dtype=e.dtype)
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)  # (nbytes,) read straight into the tensor
+        self._file.flush()
+        if e.nbytes and os.preadv(self._file.fileno(), [buf.numpy()], e.offset) != e.nbytes:
+            raise FormatError(f"{self.path}: scratch file ended inside tensor {key!r}")
+        return buf.view(e.dtype).reshape(e.shape)
+
+    def sha256(self, names: Mapping[str, str]) -> str:
+        """`io.format.tensors_sha256` of {key: spooled tensor ``names[key]``}, the same digest
+        computed from the scratch file in ``COPY_CHUNK`` pieces (no tensor is held whole)."""
+        h = hashlib.sha256()
+        for key in sorted(names):
+            e = self.entries[names[key]]
+            h.update(f"{key}|{e.dtype}|{e.shape}|".encode())
+            for chunk in self.read_bytes(names[key]):
+                h.update(chunk)
+        return h.hexdigest()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -126,22 +139,6 @@ def write_safetensors(path: str | os.PathLike, spool: TensorSpool, names: Mappin
                 f.write(chunk)
 
 
-class _Stored(Mapping):
-    """{file key: tensor} read back from the spool one at a time (for `tensors_sha256`)."""
-
-    def __init__(self, spool: TensorSpool, names: dict[str, str]) -> None:
-        self._spool, self._names = spool, names
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._spool[self._names[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
 def stored_and_tied(keys: dict[str, str], spool: TensorSpool) -> tuple[dict[str, str], dict[str, str]]:
     """Which keys are stored and which are tied to a stored one, chosen as `format.dedupe_tied`
     chooses: the first key in sorted order holding a tensor is stored (empty tensors never tie)."""
@@ -163,12 +160,12 @@ def save_streamed(model: torch.nn.Module, out: Path, spool: TensorSpool, keys: d
     header and bytes `serialize.save` writes for the model in memory."""
     from ..primitives.packing import PACKING_VERSION
     from .atomic import replace_folder
-    from .format import FORMAT_VERSION, WEIGHTS_NAME, encode_header, file_sha256, tensors_sha256
+    from .format import FORMAT_VERSION, WEIGHTS_NAME, encode_header, file_sha256
     from .serialize import _model_info, _provenance, _replaceable, _write_side_files, layer_table
     stored, tied = stored_and_tied(keys, spool)
     doc = {"format_version": FORMAT_VERSION, "packing_version": PACKING_VERSION,
            "layers": layer_table(model), "tied": tied, "nonpersistent": sorted(nonpersistent),
-           "tensors_sha256": tensors_sha256(_Stored(spool, stored)), "files": {},
+           "tensors_sha256": spool.sha256(stored), "files": {},
            "provenance": _provenance(model), "model": _model_info(model)}
 
     def build(tmp: Path) -> None:
