@@ -45,6 +45,28 @@ def source_sha256(model: torch.nn.Module) -> str:
     return tensors_sha256({k: t for k, t in model.state_dict().items() if not t.is_meta})
 
 
+def with_embeddings(scheme, targets, ignore, embeddings: str | None):
+    """(scheme, targets, ignore) with an Embedding rule added when ``embeddings`` names a scheme
+    (the one recipe ``lowbit quantize --embeddings`` builds)."""
+    if not embeddings:
+        return scheme, targets, ignore
+    rules = (Rule(tuple(targets or ("Linear",)), scheme, tuple(ignore)),
+             Rule(("Embedding",), embeddings, tuple(ignore)))
+    return Recipe(rules, skip_output_head=targets is None), None, ()
+
+
+def source_entries(scheme, recipe: Recipe, method: str, targets, ignore, sha256: str) -> dict:
+    """The provenance entries saying what was asked for (scheme, method, float model's hash,
+    targets and ignore as given), shared by `quantize` and `lowbit.streaming`."""
+    source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
+              "method": method, "source_sha256": sha256}
+    if isinstance(scheme, str):
+        source.update(targets=[targets] if isinstance(targets, str) else
+                      (None if targets is None else list(targets)),
+                      ignore=[ignore] if isinstance(ignore, str) else list(ignore))
+    return source
+
+
 def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe" = "w4g128",
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
              data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
@@ -74,12 +96,7 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     from . import provenance, sequential as seq
     recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
-    source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
-              "method": method, "source_sha256": source_sha256(model)}
-    if isinstance(scheme, str):
-        source.update(targets=[targets] if isinstance(targets, str) else
-                      (None if targets is None else list(targets)),
-                      ignore=[ignore] if isinstance(ignore, str) else list(ignore))
+    source = source_entries(scheme, recipe, method, targets, ignore, source_sha256(model))
     data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
     runtime_smooth = None
     if smooth is not None:

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w8a8-static: how input ranges are chosen from the calibration data")
     q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant before quantizing (needs --calibration; alpha in [0, 1], e.g. 0.5)")
+    q.add_argument("--stream", action="store_true",
+                   help="read the checkpoint's safetensors shards one block at a time instead of loading "
+                        "the model (for models larger than memory; same output bytes)")
     k = sub.add_parser("kernels", help="this CPU, and the kernel paths measured on it (cached)")
     k.add_argument("--refresh", action="store_true", help="forget the cached decisions of this host")
     k.add_argument("--threads", type=int, default=None, help="torch threads (decisions are per count)")
@@ -59,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .models import load_transformers, resolve_model_dir, side_files
-    from .recipe import Recipe, Rule
     from .spec import parse
     if args.recipe:
         tune_cli.check_recipe_args(args)
@@ -68,20 +70,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_dir(out)  # before the (long) quantization, not after it
     src = resolve_model_dir(args.path)
+    if args.stream:
+        return cmd_quantize_stream(args, src, out)
     model, tok = load_transformers(src)
     scheme = args.scheme or "w4g128"
     if args.recipe:
         scheme, targets, ignore = tune_cli.read_recipe(args.recipe, model), None, ()
-    elif args.embeddings:
-        rules = (Rule(tuple(args.targets or ("Linear",)), scheme, tuple(args.ignore)),
-                 Rule(("Embedding",), args.embeddings, tuple(args.ignore)))
-        scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
     else:
-        targets, ignore = args.targets, args.ignore
+        scheme, targets, ignore = api.with_embeddings(scheme, args.targets, args.ignore, args.embeddings)
     api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
                  observer=args.observer, smooth=args.smooth, **lm_cli.quantize_kwargs(args, tok))
     path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_quantize_stream(args: argparse.Namespace, src: Path, out: Path) -> int:
+    """``lowbit quantize --stream``: `lowbit.streaming.quantize_checkpoint` (never loads the model)."""
+    import time
+    from .memory import peak_rss_mb
+    from .models import side_files
+    from .streaming import quantize_checkpoint
+    if args.smooth is not None or args.observer is not None or args.recipe:
+        raise ValueError("--stream does not take --smooth, --observer or --recipe (they need the "
+                         "whole model)")
+    tok = None
+    if args.calibration is not None:
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    kwargs = lm_cli.quantize_kwargs(args, tok)
+    kwargs.pop("sequential")  # streaming is block by block already
+    start = time.perf_counter()
+    path = quantize_checkpoint(src, args.scheme or "w4g128", out, targets=args.targets, ignore=args.ignore,
+                               embeddings=args.embeddings, allow_empty=args.allow_empty,
+                               side_files=side_files(src), progress=True, **kwargs)
+    peak = peak_rss_mb()
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
+          f"peak memory (RSS) {'unknown' if peak is None else f'{peak:.0f} MB'}")
     return 0
 
 

@@ -58,7 +58,8 @@ def side_files(src: Path) -> dict[str, Path]:
     out = {}
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
-        if not f.is_file() or f.suffix in WEIGHT_SUFFIXES or any(p.startswith(".") for p in rel.parts):
+        if (not f.is_file() or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")  # a shard index
+                or any(p.startswith(".") for p in rel.parts)):
             continue
         out[rel.as_posix()] = f
     return out

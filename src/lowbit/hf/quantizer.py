@@ -31,7 +31,7 @@ from ..apply import Report, apply
 from ..errors import FormatError, LowbitError, QuantizationError
 from ..nn import QuantizedModule
 from ..io.format import encode_header
-from ..io.memory import release_freed_memory
+from ..memory import release_freed_memory
 from ..io.restore import _restore_buffers, _retie
 from ..io.serialize import state_and_header
 from ..io.skeleton import build_skeleton, finish_loaded, verify_files

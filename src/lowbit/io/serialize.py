@@ -19,7 +19,7 @@ from .atomic import replace_folder, write_file
 from .hfconfig import quantization_config_dict
 from .format import FORMAT_VERSION, WEIGHTS_NAME, dedupe_tied, encode_header, file_sha256, tensors_sha256
 from .reader import read_file, read_header, weights_path
-from .memory import release_freed_memory
+from ..memory import release_freed_memory
 from .restore import load_into, rebuild_model
 from .skeleton import read_shards, shard_files
 from .schema import check_side_name
