@@ -70,10 +70,13 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"model must be a torch.nn.Module, found {type(model).__name__}")
     from . import provenance, sequential as seq
+    if isinstance(scheme, Recipe) and method != "rtn":
+        raise RecipeError(f"method={method!r} given next to a Recipe: set each Rule's method inside "
+                          "the Recipe (its rules decide, layer by layer)")
     recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
-              "method": method, "source_sha256": source_sha256(model)}
+              "method": provenance.main_method(the_plan, method), "source_sha256": source_sha256(model)}
     if isinstance(scheme, str):
         source.update(targets=[targets] if isinstance(targets, str) else
                       (None if targets is None else list(targets)),

@@ -62,15 +62,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_out_dir(out)  # before the (long) quantization, not after it
     src = resolve_model_dir(args.path)
     model, tok = load_transformers(src)
-    scheme = args.scheme
-    if args.embeddings:
-        rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore)),
-                 Rule(("Embedding",), args.embeddings, tuple(args.ignore)))
+    scheme, kwargs = args.scheme, lm_cli.quantize_kwargs(args, tok)
+    if args.embeddings:  # the method (and its options) go to the Linear rule; embeddings take RTN
+        method, options = kwargs.pop("method"), kwargs.pop("method_options", {})
+        rules = (Rule(tuple(args.targets or ("Linear",)), args.scheme, tuple(args.ignore), method,
+                      options=tuple(options.items())),
+                 Rule(("Embedding",), args.embeddings, tuple(args.ignore), "rtn"))
         scheme, targets, ignore = Recipe(rules, skip_output_head=args.targets is None), None, ()
+        if method != "rtn":
+            print(f"--embeddings {args.embeddings}: embeddings are quantized with rtn (a lookup "
+                  f"table has no input Hessian for {method}); the file records the method per layer",
+                  file=sys.stderr)
     else:
         targets, ignore = args.targets, args.ignore
     api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
-                 observer=args.observer, smooth=args.smooth, **lm_cli.quantize_kwargs(args, tok))
+                 observer=args.observer, smooth=args.smooth, **kwargs)
     path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

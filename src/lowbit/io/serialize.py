@@ -148,7 +148,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
         raise LowbitError(f"model must be a torch.nn.Module skeleton, found {type(model).__name__}")
     load_into(model, doc, tensors, str(target))
     model.lowbit_source = {k: v for k, v in doc["provenance"].items()
-                           if k in ("scheme", "method", "source_sha256", "targets", "ignore",
+                           if k in ("scheme", "method", "methods", "source_sha256", "targets", "ignore",
                                     "method_options", "calibration", "sequential")}
     model.eval()
     return model
