@@ -46,7 +46,7 @@ class HessianAccumulator:
         self.add_gram(*gram(x))
 
     def add_gram(self, product: torch.Tensor, rows: int) -> None:
-        """Add a `gram` result: ``(in, in)`` float64 ``X^T X`` of ``rows`` input rows."""
+        """Add a `gram` result: ``(in, in)`` ``X^T X`` of ``rows`` input rows (summed in float64)."""
         d = product.shape[-1]
         if self.in_features is None:
             self.in_features = d
@@ -59,15 +59,17 @@ class HessianAccumulator:
         self.samples += rows
 
     def hessian(self) -> torch.Tensor:
-        """``X^T X / n`` (float64, a fresh tensor each call)."""
+        """``X^T X / n`` (float64, exactly symmetric, a fresh tensor each call)."""
         if self.samples == 0:
             raise HessianError("HessianAccumulator has seen no rows; call update(x) first")
-        return self._sum / self.samples
+        return (self._sum + self._sum.T) / (2 * self.samples)
 
 
 def gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(X^T X, rows)`` of inputs ``x (..., in)``: float64 ``(in, in)``, summed over chunks of
-    `CHUNK_ROWS` rows whose products are float32 (float64 for float64 inputs)."""
+    """``(X^T X, rows)`` of inputs ``x (..., in)``: ``(in, in)``, the product of one chunk
+    (float32, or float64 for float64 inputs) or, above `CHUNK_ROWS` rows, the float64 sum of the
+    chunks' products. Not symmetrized here (a pass over ``in^2`` values per call costs as much as
+    a 576-wide product): `HessianAccumulator.hessian` symmetrizes the sum once."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
         raise HessianError(f"HessianAccumulator takes a floating tensor (..., in_features), found "
                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
@@ -76,8 +78,10 @@ def gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     rows = x.detach().reshape(-1, d).to(dtype)  # (tokens, in)
     if not torch.isfinite(rows).all():
         raise HessianError("HessianAccumulator: the input holds NaN or inf")
+    if rows.shape[0] <= CHUNK_ROWS:
+        return rows.T @ rows, rows.shape[0]
     total = torch.zeros(d, d, dtype=torch.float64)
     for r0 in range(0, rows.shape[0], CHUNK_ROWS):
         chunk = rows[r0:r0 + CHUNK_ROWS]  # (<= CHUNK_ROWS, in)
         total.add_(chunk.T @ chunk)
-    return (total + total.T) * 0.5, rows.shape[0]  # exactly symmetric whatever the GEMM's order
+    return total, rows.shape[0]
