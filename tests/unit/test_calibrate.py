@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 
-from lowbit.calibrate import (OBSERVER_NAMES, OBSERVERS, CalibrationError, HessianAccumulator,
-                              HessianError, ObserverConfig, ObserverError, collect, make_observer,
-                              observer_from_dict, run_until)
+from lowbit.calibrate import (OBSERVER_NAMES, OBSERVERS, HessianAccumulator, HessianError,
+                              ObserverConfig, ObserverError, make_observer, observer_from_dict)
 from lowbit.calibrate.histogram import StreamingHistogram, int8_spec
 from lowbit.primitives import ranges
 from lowbit.primitives.affine import fake_quantize_groups, params_from_range
