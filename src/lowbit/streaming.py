@@ -71,7 +71,9 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
         raise FormatError(f"{out}: exists and is not a lowbit folder or empty; refusing to replace it")
     ckpt = FloatCheckpoint(src)
     model = float_skeleton(ckpt.folder)
-    scheme, targets, ignore = with_embeddings(scheme, targets, ignore, embeddings)
+    requested = method
+    scheme, targets, ignore, method, method_options = with_embeddings(
+        scheme, targets, ignore, embeddings, method, method_options)
     recipe = make_recipe(scheme, targets, ignore, method, method_options)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     data = provenance.as_batches(data)
@@ -79,7 +81,8 @@ def quantize_checkpoint(src: str | os.PathLike, scheme: "str | QuantSpec | Schem
     ckpt.groups = tie_groups(model, extra)
     ckpt.prefix = getattr(model, "base_model_prefix", "") or ""
     sha = tensors_sha256(ckpt.lazy(model.state_dict(keep_vars=True)))
-    source = source_entries(scheme, recipe, method, targets, ignore, sha)
+    source = source_entries(scheme, recipe, provenance.main_method(the_plan, requested), targets,
+                            ignore, sha)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".lowbit-stream-", dir=out.parent) as tmp:
         run = _Stream(model, the_plan, ckpt, TensorSpool(Path(tmp) / "tensors.bin"), progress)

@@ -74,7 +74,8 @@ def test_quantize_output_loads_and_matches_in_memory(w4g128_dir, minilm, quantiz
     tok = transformers.AutoTokenizer.from_pretrained(str(w4g128_dir))
     assert torch.equal(embed(loaded, tok), embed(quantized("w4g128")))
     assert loaded.lowbit_source == {"scheme": "w4g128", "method": "rtn", "targets": None, "ignore": [],
-                                    "source_sha256": source_sha256(minilm.model)}
+                                    "source_sha256": source_sha256(minilm.model),
+                                    "methods": {"rtn": 36}}  # 6 encoder blocks x 6 Linears
 
 
 def test_inspect_prints_one_row_per_quantized_layer(w4g128_dir, quantized):

@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 
-from lowbit.calibrate import (OBSERVER_NAMES, OBSERVERS, CalibrationError, HessianAccumulator,
-                              HessianError, ObserverConfig, ObserverError, collect, make_observer,
-                              observer_from_dict, run_until)
+from lowbit.calibrate import (OBSERVER_NAMES, OBSERVERS, HessianAccumulator, HessianError,
+                              ObserverConfig, ObserverError, make_observer, observer_from_dict)
 from lowbit.calibrate.histogram import StreamingHistogram, int8_spec
 from lowbit.primitives import ranges
 from lowbit.primitives.affine import fake_quantize_groups, params_from_range
@@ -227,9 +226,27 @@ def test_histogram_of_a_constant_channel():
 
 # ---------------------------------------------------------------- HessianAccumulator
 
+HESSIAN_F32_RTOL = 1e-6  # float32 chunk products vs float64, relative to sqrt(H_ii H_jj)
+
+
+def test_hessian_float32_inputs_within_budget():
+    g = torch.Generator().manual_seed(8)
+    parts = [1000.0 + torch.randn(b, 3000, 16, generator=g) for b in (1, 2)]  # 9,000 rows: 3 chunks
+    acc = HessianAccumulator()
+    for p in parts:
+        acc.update(p)
+    x = torch.cat([p.reshape(-1, 16) for p in parts]).double()  # (9000, 16)
+    exact = x.T @ x / 9000
+    h = acc.hessian()
+    assert acc.samples == 9000 and torch.equal(h, h.T)
+    scale = torch.sqrt(torch.outer(torch.diagonal(exact), torch.diagonal(exact)))  # (16, 16)
+    err = ((h - exact).abs() / scale).max().item()
+    assert 0 < err < HESSIAN_F32_RTOL  # float32 products (not exact), float64 sums (no drift)
+
+
 def test_hessian_is_xtx_over_n():
     g = torch.Generator().manual_seed(8)
-    parts = [1000.0 + torch.randn(b, 7, 16, generator=g) for b in (3, 5, 1)]  # large mean: float32 sums would drift
+    parts = [1000.0 + torch.randn(b, 7, 16, generator=g, dtype=torch.float64) for b in (3, 5, 1)]  # float64: exact
     acc = HessianAccumulator()
     for p in parts:
         acc.update(p)

@@ -101,3 +101,32 @@ def test_gptq_without_calibration_and_bad_flags_are_errors(model_dir, tmp_path):
     assert code == 2 and "--damp is a gptq option" in stderr
     code, _, stderr = run_main(["eval", model_dir, "--task", "lm", "--text", tmp_path / "missing.txt"])
     assert code == 2 and "missing.txt" in stderr
+
+
+def test_gptq_with_rtn_embeddings_records_each_layers_method(model_dir, tmp_path):
+    """Embeddings have no input Hessian: with --method gptq they take RTN, and the file, inspect
+    and the CLI say which layers took which method (before, --embeddings dropped GPTQ entirely)."""
+    corpus, out = model_dir.parent / "corpus.txt", tmp_path / "qe"
+    code, _, stderr = run_main(["quantize", model_dir, "--scheme", "w4g32", "--embeddings", "w8r",
+                                "--method", "gptq", "--calibration", corpus, "--samples", 8,
+                                "--seq-len", 32, "--damp", "0.05", "--out", out])
+    assert code == 0, stderr
+    assert "embeddings are quantized with rtn" in stderr
+    header = lowbit.io.read_header(out)
+    methods = {name: e["method"] for name, e in header["layers"].items()}
+    assert methods["model.embed_tokens"] == "rtn"
+    linears = [m for n, m in methods.items() if n != "model.embed_tokens"]
+    assert len(linears) == 14 and set(linears) == {"gptq"}  # 2 blocks x 7 Linears, head skipped
+    prov = header["provenance"]
+    assert prov["method"] == "gptq" and prov["methods"] == {"gptq": 14, "rtn": 1}
+    assert prov["method_options"]["gptq"]["damp"] == 0.05 and prov["calibration"]["samples"] == 8
+    code, shown, _ = run_main(["inspect", out])
+    assert code == 0 and "method: gptq (gptq: 14 layers, rtn: 1 layer)" in shown
+    assert lowbit.load(out).lowbit_source["methods"] == {"gptq": 14, "rtn": 1}
+
+
+def test_a_method_next_to_a_recipe_is_an_error(model_dir):
+    model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    recipe = lowbit.Recipe((lowbit.Rule(("Linear",), "w4g32"),))
+    with pytest.raises(lowbit.errors.RecipeError, match="set each Rule's method inside the Recipe"):
+        lowbit.quantize(model, recipe, method="gptq", data=[torch.ones(1, 4, dtype=torch.long)])

@@ -82,9 +82,25 @@ def test_gptq_from_shards_equals_sequential_gptq_on_the_loaded_model(tmp_path):
     assert prov["calibration"]["batches"] == len(data)
 
 
+def test_gptq_with_embeddings_streams_gptq_linears_and_rtn_embeddings(tmp_path):
+    src = llama_folder(tmp_path / "src", tied=False)
+    data = batches()
+    scheme, targets, ignore, method, options = with_embeddings("w4g32", None, (), "w8r", "gptq")
+    model = loaded(src, transformers.LlamaForCausalLM)
+    lowbit.quantize(model, scheme, targets=targets, ignore=ignore, method=method, data=data,
+                    sequential=True, verbose=False)
+    lowbit.save(model, tmp_path / "ref")
+    quantize_checkpoint(src, "w4g32", tmp_path / "stream", method="gptq", data=data, embeddings="w8r",
+                        progress=False)
+    same_files(tmp_path / "ref", tmp_path / "stream")
+    prov = lowbit.io.read_header(tmp_path / "stream")["provenance"]
+    assert prov["method"] == "gptq" and prov["methods"]["rtn"] == 1 and prov["methods"]["gptq"] > 1
+
+
 def test_bert_with_quantized_embeddings_matches_and_loads(tmp_path):
     src = bert_folder(tmp_path / "src")
-    scheme, targets, ignore = with_embeddings("w4g32", None, (), "w8r")
+    scheme, targets, ignore, method, _ = with_embeddings("w4g32", None, (), "w8r")
+    assert method == "rtn"  # the method rides inside the recipe's rules
     model = lowbit.quantize(loaded(src, transformers.BertModel), scheme, targets=targets, ignore=ignore,
                             verbose=False)
     lowbit.save(model, tmp_path / "ref")

@@ -12,14 +12,14 @@ import torch
 from ..errors import QuantizationError
 from ..primitives import QuantizedWeight
 from ..spec import QuantSpec
-from .gptq import gptq
+from .gptq import DEFAULT_DAMP, gptq
 from .rtn import rtn
 from .stats import LayerStats
 
 
 def gptq_with_stats(weight: torch.Tensor, spec: QuantSpec, name: str = "weight",
                     stats: LayerStats | None = None, **options) -> QuantizedWeight:
-    """`gptq` under the common signature; ``options``: damp (0.01), act_order (True), block_size (128)."""
+    """`gptq` under the common signature; ``options``: damp (0.1), act_order (True), block_size (128)."""
     if stats is None or stats.hessian is None:
         raise QuantizationError(f"{name}: method 'gptq' needs calibration data (the Hessian of the "
                                 "layer's inputs); pass data=... or use method='rtn'")
@@ -30,7 +30,7 @@ ALGORITHMS = {"rtn": rtn, "gptq": gptq_with_stats}
 NEEDS_DATA = frozenset({"gptq"})
 # method -> option -> default; every option changes the result, so files record them (provenance)
 METHOD_OPTIONS: dict[str, dict[str, object]] = {
-    "rtn": {}, "gptq": {"damp": 0.01, "act_order": True, "block_size": 128}}
+    "rtn": {}, "gptq": {"damp": DEFAULT_DAMP, "act_order": True, "block_size": 128}}
 
 
 def check_options(method: str, options: dict) -> dict:

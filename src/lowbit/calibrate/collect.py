@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms.stats import LayerStats
-from .hessian import HessianAccumulator, HessianError
+from .hessian import HessianAccumulator, HessianError, gram
 from .observers import ObserverConfig, ObserverError, as_config, make_observer
 from ..errors import LowbitError
 
@@ -69,6 +69,7 @@ def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
     hessians = {n: HessianAccumulator() for n in modules} if "hessian" in stats else {}
     samples = dict.fromkeys(modules, 0)
     inv = {n: s.detach().float().reciprocal() for n, s in (input_scale or {}).items()}
+    last: dict[str, Any] = {"x": None}  # the newest input, a copy of its values, its X^T X
 
     def make_hook(name: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -78,20 +79,55 @@ def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
                 if name in observers:
                     observers[name].update(x)
                 if name in hessians:
-                    hessians[name].update(x)
+                    if not _same_input(x, last):  # layers fed one tensor (q/k/v) share its product
+                        last.update(x=x, copy=x.detach().clone(), gram=gram(x))
+                    hessians[name].add_gram(*last["gram"])
             except (ObserverError, HessianError) as exc:
                 raise CalibrationError(f"layer {name!r}: {exc}") from exc
             samples[name] += x.numel() // max(1, x.shape[-1]) if x.dim() else 1
         return hook
 
     with _eval_mode(model), _hooks(modules, make_hook), torch.inference_mode():
-        _run(model, data, progress)
+        _run(model, data, progress, _StopAfter(modules))
     unseen = [n for n, k in samples.items() if k == 0]
     if unseen:
         raise CalibrationError(f"layers never called during calibration (no inputs seen): {unseen}")
     return {n: LayerStats(observers[n].range() if n in observers else None,
                           hessians[n].hessian() if n in hessians else None, samples[n])
             for n in modules}
+
+
+def _same_input(x: torch.Tensor, last: dict) -> bool:
+    """``x`` is the tensor the previous hook saw, with the same values (not changed in place)."""
+    return x is last["x"] and torch.equal(x, last["copy"])
+
+
+class _StopAfter:
+    """Ends each batch's forward once every collected layer has run (the output head and the
+    rest of the model after the last collected layer compute nothing `collect` reads). The first
+    batch runs whole and counts each layer's calls; each later batch stops, through a forward
+    hook raising `_StopForward`, when every layer has been called that many times. (A model whose
+    call counts grow from batch to batch would lose the extra calls; transformer blocks and
+    Linears are called the same number of times on every batch.)"""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        self.modules, self.expected = modules, None
+        self.calls = dict.fromkeys(modules, 0)
+
+    def batch(self, index: int) -> contextlib.AbstractContextManager:
+        self.calls = dict.fromkeys(self.modules, 0)
+        return _hooks(self.modules, self._hook, post=True)
+
+    def end_batch(self) -> None:
+        if self.expected is None:
+            self.expected = dict(self.calls)
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self.calls[name] += 1
+            if self.expected is not None and all(self.calls[n] >= k for n, k in self.expected.items()):
+                raise _StopForward
+        return hook
 
 
 def run_until(model: torch.nn.Module, batch: Any, module_name: str) -> CapturedInputs:
@@ -155,7 +191,7 @@ class _StopForward(BaseException):
     ``except Exception`` cannot swallow it and run on."""
 
 
-def _run(model: torch.nn.Module, data: Iterable, progress: bool) -> None:
+def _run(model: torch.nn.Module, data: Iterable, progress: bool, stop: "_StopAfter | None" = None) -> None:
     if isinstance(data, (torch.Tensor, Mapping, str, bytes)):
         raise CalibrationError(f"data must be an iterable of batches, found a single "
                                f"{type(data).__name__}; wrap it in a list or use "
@@ -163,18 +199,27 @@ def _run(model: torch.nn.Module, data: Iterable, progress: bool) -> None:
     for i, batch in enumerate(tqdm(data, desc="calibrate", disable=not progress, unit="batch",
                                    file=sys.stderr)):
         try:
-            call_model(model, batch, i)
+            if stop is None:
+                call_model(model, batch, i)
+                continue
+            with stop.batch(i):
+                call_model(model, batch, i)
+            stop.end_batch()
+        except _StopForward:
+            pass
         except Exception as exc:
             exc.add_note(f"lowbit.calibrate: while running calibration batch {i}")
             raise
 
 
 @contextlib.contextmanager
-def _hooks(modules: Mapping[str, torch.nn.Module], make_hook: Callable) -> Iterator[None]:
+def _hooks(modules: Mapping[str, torch.nn.Module], make_hook: Callable,
+           post: bool = False) -> Iterator[None]:
     handles = []
     try:
         for name, m in modules.items():
-            handles.append(m.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+            register = m.register_forward_hook if post else m.register_forward_pre_hook
+            handles.append(register(make_hook(name), with_kwargs=True))
         yield
     finally:
         for h in handles:

@@ -151,7 +151,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     del tensors  # the file's forms of the codes: each layer now holds its kept layout only
     release_freed_memory()
     model.lowbit_source = {k: v for k, v in doc["provenance"].items()
-                           if k in ("scheme", "method", "source_sha256", "targets", "ignore",
+                           if k in ("scheme", "method", "methods", "source_sha256", "targets", "ignore",
                                     "method_options", "calibration", "sequential")}
     model.eval()
     return model
