@@ -27,7 +27,8 @@ def forms(cw: CodebookWeight, x: torch.Tensor, bias: torch.Tensor | None, tile_r
     return {"cached": pq.cached_linear(x, pq.reconstruct(cw), bias),
             "gather": pq.gather_linear(x, cent, pq.gather_index(cw), bias),
             "tiled": pq.tiled_linear(x, cent, pq.flat_assign(cw), cw.rows, bias, tile_rows),
-            "lut": pq.lut_linear(x, cent, pq.lut_index(cw), pq.lut_bags(cw), bias)}
+            "lut": pq.lut_linear(x, cent, pq.lut_index(cw), pq.lut_bags(cw), bias),
+            "lutg": pq.lutg_linear(x, cent, pq.lutg_index(cw), bias)}
 
 
 @pytest.mark.parametrize("out,inp,k,bs,tile", [(48, 64, 16, 8, 0), (70, 96, 256, 4, 16),
@@ -101,3 +102,4 @@ def test_lut_index_and_bags_address_the_table():
     assert pq.lut_index(cw).tolist() == [2, 3, 1, 4]
     assert pq.lut_bags(cw).tolist() == [0, 2]
     assert pq.lut_index(cw).dtype == pq.lut_bags(cw).dtype == torch.int32
+    assert pq.lutg_index(cw).tolist() == [[2, 1], [0, 1]]  # (n_blocks, out)

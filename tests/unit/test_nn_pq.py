@@ -26,7 +26,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() <= PQ_FORM_RTOL * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("form", (None, "cached", "gather", "tiled", "lut", "bf16", "ref"))
+@pytest.mark.parametrize("form", (None, "cached", "gather", "tiled", "lut", "lutg", "bf16", "ref"))
 @pytest.mark.parametrize("m", (1, 7))
 def test_forms_match_reference(form, m):
     cw = codebook()
@@ -69,7 +69,7 @@ def test_selector_times_pq_forms_and_keeps_only_the_winners_state(tmp_path, monk
     assert form in pq.SELECTABLE
     entry = layer.selector.timings("pq/w4g8/32x64", 1)  # shape class: 16 centroids = 4 bits
     assert entry["path"] == "pq-" + form
-    assert sorted(entry["ms"]) == ["fp32", "pq-bf16", "pq-gather", "pq-lut", "pq-tiled"]
+    assert sorted(entry["ms"]) == ["fp32", "pq-bf16", "pq-gather", "pq-lut", "pq-lutg", "pq-tiled"]
     assert set(layer._derived_state) == set(PQLinear._FORM_STATE[form])
     fresh = PQLinear(codebook(out=40, inp=64, k=16, bs=8))  # another layer of the class: no timing
     fresh.selector = KernelSelector(tmp_path, budget_s=0.01)

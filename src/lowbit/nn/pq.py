@@ -9,10 +9,11 @@ derived index tensors and the optional cached float weight are rebuilt in one pl
 (`_derived`), keyed on the identity and version counter of ``centroids`` and ``assignments``, so
 ``load_state_dict``, ``.to()`` and optimizer steps on the centroids can never leave them stale.
 
-Runtime memory beyond the file's bytes: an int32 index per block for the forms a layer takes
-(one for ``tiled`` / ``gather`` / ``bf16``, one for ``lut``; the others' are dropped once the
-selector has chosen), a float32 and a bf16 copy of the centroids (k*block_size values each), plus
-out*in*4 bytes with ``cache=True`` only: no decoded weight is kept otherwise.
+Runtime memory beyond the file's bytes: an index per block for the forms a layer takes (int32
+for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``; the others' are
+dropped once the selector has chosen), a float32 and a bf16 copy of the centroids
+(k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
+kept otherwise.
 """
 from __future__ import annotations
 
@@ -174,10 +175,12 @@ class PQLinear(PQModule):
     # derived tensor -> what it derives from ("c": centroids, "a": assignments) and its builder
     _DERIVED = {"weight": ("ca", pq.reconstruct), "lut": ("a", pq.lut_index),
                 "bags": ("a", pq.lut_bags), "flat": ("a", pq.flat_assign),
+                "lutg": ("a", pq.lutg_index),
                 "cent32": ("c", lambda cw: cw.centroids.float()),
                 "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16))}
     _FORM_STATE = {"cached": ("weight",), "gather": ("flat", "cent32"), "tiled": ("flat", "cent32"),
-                   "lut": ("lut", "bags", "cent32"), "bf16": ("flat", "cent16"), "ref": ()}
+                   "lut": ("lut", "bags", "cent32"), "lutg": ("lutg", "cent32"),
+                   "bf16": ("flat", "cent16"), "ref": ()}
 
     def _derived(self, key: str) -> torch.Tensor:
         """A form's derived tensor, rebuilt whenever a tensor it derives from changed. A tensor's
@@ -243,6 +246,8 @@ class PQLinear(PQModule):
             return pq.tiled_linear(x2d, d("cent32"), d("flat"), self.out_features, bias)
         if form == "lut":
             return pq.lut_linear(x2d, d("cent32"), d("lut"), d("bags"), bias)
+        if form == "lutg":
+            return pq.lutg_linear(x2d, d("cent32"), d("lutg"), bias)
         if form == "bf16":
             return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias)
         return pq.ref_linear(x2d, self.codebook, bias)
