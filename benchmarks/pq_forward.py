@@ -43,7 +43,7 @@ def random_codebook(out: int, inp: int, gen: torch.Generator) -> CodebookWeight:
     return CodebookWeight(cent, pack_assignments(a, K), (out, inp), BLOCK)
 
 
-FORMS = ("cached", "gather", "tiled", "lut", "bf16", "PQLinear")
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "PQLinear")
 
 
 def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
@@ -55,7 +55,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
     bias = lin.bias.detach()
     cent, c16 = cw.centroids.float(), cw.centroids.to(torch.bfloat16)
     w, gidx, fa = pq.reconstruct(cw), pq.gather_index(cw), pq.flat_assign(cw)
-    lidx, bags = pq.lut_index(cw), pq.lut_bags(cw)
+    lidx, bags, gidx_t = pq.lut_index(cw), pq.lut_bags(cw), pq.lutg_index(cw)
     layer = PQLinear(cw, bias)  # no cache: the selector's measured form per row bucket
     layer.selector = KernelSelector(cache_dir)
     for m in ROWS:
@@ -67,6 +67,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
                "gather": lambda: pq.gather_linear(x, cent, gidx, bias),
                "tiled": lambda: pq.tiled_linear(x, cent, fa, out, bias),
                "lut": lambda: pq.lut_linear(x, cent, lidx, bags, bias),
+               "lutg": lambda: pq.lutg_linear(x, cent, gidx_t, bias),
                "bf16": lambda: pq.bf16_linear(x, c16, fa, out, bias),
                "PQLinear": lambda: layer(x)}
         with torch.inference_mode():
