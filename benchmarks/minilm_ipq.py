@@ -6,13 +6,14 @@ test data), then the mean cosine of sentence embeddings vs fp32 on
 `lowbit.eval.sentences.SENTENCES` (which training never sees).
 
 The defaults are the best configuration measured (BENCHMARKS.md): blocks of 4 on the FFN and on
-attention value/output, 8 on query/key (16.8x smaller than fp32), 250 distillation steps after
+attention value/output, 8 on query/key (16.8x smaller than fp32), 150 distillation steps after
 the ffn stage and after the last one, every float parameter trained with the centroids, a
 layer-wise (every block's output) loss, the mixed corpus:
 
     PYTHONPATH=src python benchmarks/minilm_ipq.py
 
-The earlier setting (18.2x, centroids + LayerNorms + biases, last-layer loss, Shakespeare only):
+The earlier setting (18.2x, centroids + LayerNorms + biases, last-layer loss, Shakespeare only;
+now with the cosine-decayed learning rate):
 ``--steps 250 --vo-block 0 --train floats --loss last --corpus shakespeare``.
 """
 from __future__ import annotations
@@ -153,7 +154,7 @@ def distiller(teacher, tok, lines: list[str], steps, batch_size: int, lr: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", default="250,0,250",
+    ap.add_argument("--steps", default="150,0,150",
                     help="distillation steps per stage: one number, or one per stage (e.g. 200,0,250)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
