@@ -4,21 +4,27 @@
     python benchmarks/pq_forward.py --threads 1
 
 Weights are random (k-means is not run: the forms' speed depends only on shapes, k and block size).
+``PQLinear`` is the layer as it runs: the form the kernel selector measured fastest here for that
+shape class and row bucket (a fresh cache in a temporary folder; its choice is printed as
+``auto``, its own timing as ``PQLinear``). ``cached`` keeps the decoded fp32 weight (no memory
+saved); every other form keeps none.
 """
 from __future__ import annotations
 
 import argparse
 import platform
 import subprocess
+import tempfile
 
 import torch
 
 from lowbit.eval.timing import interleaved
 from lowbit.kernels import pq
+from lowbit.kernels.select import KernelSelector
 from lowbit.nn.pq import PQLinear
 from lowbit.primitives.codebook import CodebookWeight, pack_assignments
 
-SHAPES = ((384, 384), (1536, 384), (4096, 4096))  # (out, in)
+SHAPES = ((384, 384), (1536, 384), (384, 1536), (4096, 4096))  # (out, in)
 ROWS = (1, 8, 64)
 K, BLOCK = 256, 8
 
@@ -37,31 +43,41 @@ def random_codebook(out: int, inp: int, gen: torch.Generator) -> CodebookWeight:
     return CodebookWeight(cent, pack_assignments(a, K), (out, inp), BLOCK)
 
 
-def bench(out: int, inp: int, rounds: int) -> None:
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "PQLinear")
+
+
+def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
     gen = torch.Generator().manual_seed(0)
     cw = random_codebook(out, inp, gen)
     lin = torch.nn.Linear(inp, out)
     with torch.no_grad():
         lin.weight.copy_(pq.reconstruct(cw))
     bias = lin.bias.detach()
-    cent = cw.centroids.float()
-    w, gidx, lidx, fa = pq.reconstruct(cw), pq.gather_index(cw), pq.lut_index(cw), pq.flat_assign(cw)
-    layer = PQLinear(cw, bias)  # no cache: kernels.pq.choose_form picks per call
+    cent, c16 = cw.centroids.float(), cw.centroids.to(torch.bfloat16)
+    w, gidx, fa = pq.reconstruct(cw), pq.gather_index(cw), pq.flat_assign(cw)
+    lidx, bags, gidx_t = pq.lut_index(cw), pq.lut_bags(cw), pq.lutg_index(cw)
+    layer = PQLinear(cw, bias)  # no cache: the selector's measured form per row bucket
+    layer.selector = KernelSelector(cache_dir)
     for m in ROWS:
         x = torch.randn(m, inp, generator=gen)
+        with torch.inference_mode():
+            auto = layer.form_for(m)  # times the forms once for this bucket (not in the rounds)
         fns = {"fp32": lambda: lin(x),
                "cached": lambda: pq.cached_linear(x, w, bias),
                "gather": lambda: pq.gather_linear(x, cent, gidx, bias),
                "tiled": lambda: pq.tiled_linear(x, cent, fa, out, bias),
-               "lut": lambda: pq.lut_linear(x, cent, lidx, bias),
+               "lut": lambda: pq.lut_linear(x, cent, lidx, bags, bias),
+               "lutg": lambda: pq.lutg_linear(x, cent, gidx_t, bias),
+               "bf16": lambda: pq.bf16_linear(x, c16, fa, out, bias),
                "PQLinear": lambda: layer(x)}
-        t = interleaved(fns, rounds=rounds, warmup=2, budget_s=6.0)
+        with torch.inference_mode():
+            t = interleaved(fns, rounds=rounds, warmup=2, budget_s=6.0)
         base = t["fp32"].median_ms
         cells = "".join(f"{t[n].median_ms / base:>9.2f}{t[n].min_ms / t['fp32'].min_ms:>7.2f}"
-                        for n in fns if n != "fp32")
-        best = min(fns, key=lambda n: t[n].median_ms if n != "PQLinear" else float("inf"))
-        auto = layer.form_for(m)
-        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best:<8}{auto}")
+                        for n in FORMS)
+        best = min(FORMS[:-1], key=lambda n: t[n].median_ms if n != "cached" else float("inf"))
+        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best:<8}{auto}",
+              flush=True)
 
 
 def main() -> None:
@@ -73,9 +89,11 @@ def main() -> None:
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"k={K}, block {BLOCK}; ratios to fp32 nn.Linear (median ratio, min ratio)")
     print(f"  {'out x in':<11}{'M':>4}{'fp32 med':>9}{'min ms':>8}" +
-          "".join(f"{n:>16}" for n in ("cached", "gather", "tiled", "lut", "PQLinear")) + "   fastest auto")
-    for out, inp in SHAPES:
-        bench(out, inp, args.rounds)
+          "".join(f"{n:>16}" for n in FORMS) + "   fastest* auto")
+    with tempfile.TemporaryDirectory(prefix="lowbit-pq-bench-") as cache_dir:
+        for out, inp in SHAPES:
+            bench(out, inp, args.rounds, cache_dir)
+    print("* fastest by median among the forms that keep no decoded weight (cached excluded)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import os
 import tempfile
 
 # first path a layer offers, in this order: every kernel family is exercised, none is timed
-PINNED_PATHS = "w8a8-static,w8a8,int4mm,int8mm,f32,bf16,ref"
+# (codebook layers: the exact fp32 tiled form first, then gather, the lookup tables, bf16)
+PINNED_PATHS = "w8a8-static,w8a8,int4mm,int8mm,f32,bf16,ref,pq-tiled,pq-gather,pq-lut,pq-lutg,pq-bf16"
 
 os.environ.setdefault("LOWBIT_KERNEL", PINNED_PATHS)
 os.environ.setdefault("LOWBIT_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit-test-cache-"))

@@ -10,6 +10,9 @@ from lowbit.primitives.codebook import CodebookWeight, pack_assignments
 # float32 forms sum in another order than the reference GEMM: error relative to the output scale
 PQ_FORM_RTOL = 1e-5
 PQ_FORM_ATOL = 1e-5
+# bf16 form vs its bf16 twin (same bf16 weight and activations; the GEMM may tile differently):
+# error relative to the output's largest magnitude, one bf16 rounding of the output
+PQ_BF16_TWIN_RTOL = 1e-2
 
 
 def codebook(out: int, inp: int, k: int, bs: int, seed: int = 0) -> CodebookWeight:
@@ -24,7 +27,8 @@ def forms(cw: CodebookWeight, x: torch.Tensor, bias: torch.Tensor | None, tile_r
     return {"cached": pq.cached_linear(x, pq.reconstruct(cw), bias),
             "gather": pq.gather_linear(x, cent, pq.gather_index(cw), bias),
             "tiled": pq.tiled_linear(x, cent, pq.flat_assign(cw), cw.rows, bias, tile_rows),
-            "lut": pq.lut_linear(x, cent, pq.lut_index(cw), bias)}
+            "lut": pq.lut_linear(x, cent, pq.lut_index(cw), pq.lut_bags(cw), bias),
+            "lutg": pq.lutg_linear(x, cent, pq.lutg_index(cw), bias)}
 
 
 @pytest.mark.parametrize("out,inp,k,bs,tile", [(48, 64, 16, 8, 0), (70, 96, 256, 4, 16),
@@ -68,9 +72,34 @@ def test_gather_form_is_differentiable_in_the_centroids():
     assert torch.allclose(cent.grad, want, atol=1e-6)
 
 
-def test_choose_form():
-    assert pq.choose_form(1, 1 << 24, cached=True) == "cached"
-    assert pq.choose_form(64, 1 << 24, grad=True) == "gather"
-    assert pq.choose_form(1, 384 * 384) == "lut"
-    assert pq.choose_form(64, 4096 * 4096) == "tiled"
-    assert pq.choose_form(64, 384 * 384) == "gather"
+@pytest.mark.parametrize("out,inp,k,bs,tile", [(48, 64, 16, 8, 0), (70, 96, 256, 4, 16),
+                                               (33, 40, 300, 8, 7)])
+@pytest.mark.parametrize("m", (1, 5, 64))
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_bf16_form_matches_its_bf16_reference(out, inp, k, bs, tile, m, with_bias):
+    cw = codebook(out, inp, k, bs)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(m, inp, generator=g)
+    bias = torch.randn(out, generator=g) if with_bias else None
+    ref = pq.ref_bf16_linear(x, cw, bias)
+    y = pq.bf16_linear(x, cw.centroids.to(torch.bfloat16), pq.flat_assign(cw), out, bias, tile)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = (y - ref).abs().max().item()
+    assert err <= PQ_BF16_TWIN_RTOL * ref.abs().max().item(), f"max error {err:.3g}"
+
+
+def test_bf16_weight_is_the_reference_weight_rounded_once():
+    """The gathered bf16 weight equals the fp32 reference weight cast to bf16, bit for bit."""
+    cw = codebook(24, 32, 16, 8)
+    w = torch.index_select(cw.centroids.to(torch.bfloat16), 0, pq.flat_assign(cw)).view(24, 32)
+    assert torch.equal(w, pq.reconstruct(cw).to(torch.bfloat16))
+
+
+def test_lut_index_and_bags_address_the_table():
+    """Hand-made: 2 outputs, 2 blocks, k = 3: index j * k + a[o, j], bags at o * n_blocks."""
+    a = torch.tensor([[2, 0], [1, 1]])
+    cw = CodebookWeight(torch.zeros(3, 2, dtype=torch.float16), pack_assignments(a, 3), (2, 4), 2)
+    assert pq.lut_index(cw).tolist() == [2, 3, 1, 4]
+    assert pq.lut_bags(cw).tolist() == [0, 2]
+    assert pq.lut_index(cw).dtype == pq.lut_bags(cw).dtype == torch.int32
+    assert pq.lutg_index(cw).tolist() == [[2, 1], [0, 1]]  # (n_blocks, out)

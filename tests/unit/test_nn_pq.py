@@ -11,6 +11,8 @@ from lowbit.primitives.codebook import CodebookWeight, pack_assignments, quantiz
 
 # float32 forms sum in another order than the reference GEMM
 PQ_FORM_RTOL = 1e-5
+# the bf16 form rounds activations, weight and output to bf16: error relative to the output scale
+PQ_BF16_RTOL = 2e-2
 
 
 def codebook(out=48, inp=64, k=16, bs=8, seed=0) -> CodebookWeight:
@@ -24,7 +26,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() <= PQ_FORM_RTOL * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("form", (None, "cached", "gather", "tiled", "lut", "ref"))
+@pytest.mark.parametrize("form", (None, "cached", "gather", "tiled", "lut", "lutg", "bf16", "ref"))
 @pytest.mark.parametrize("m", (1, 7))
 def test_forms_match_reference(form, m):
     cw = codebook()
@@ -35,7 +37,43 @@ def test_forms_match_reference(form, m):
     with torch.no_grad():
         y = layer(x)
     assert y.shape == (2, m, 48)
-    assert close(y, pq.ref_linear(x.reshape(-1, 64), cw, bias).reshape(2, m, 48))
+    ref = pq.ref_linear(x.reshape(-1, 64), cw, bias).reshape(2, m, 48)
+    if form == "bf16":
+        assert (y - ref).abs().max() <= PQ_BF16_RTOL * ref.abs().max()
+    else:
+        assert close(y, ref)
+
+
+def test_the_pin_picks_the_first_pq_form_offered(monkeypatch):
+    """tests/conftest.py pins LOWBIT_KERNEL; its first PQ name is pq-tiled. Forced names reach
+    PQ layers by their ``pq-`` selector names; a pin with none of them is an error naming them."""
+    from lowbit.kernels.select import KernelChoiceError, KernelSelector
+    layer = PQLinear(codebook())
+    assert layer.form_for(1) == "tiled" and layer.form_for(300) == "tiled"
+    monkeypatch.setenv("LOWBIT_KERNEL", "bf16,pq-lut")
+    assert PQLinear(codebook()).form_for(3) == "lut"
+    layer = PQLinear(codebook())
+    layer.selector = KernelSelector.pinned(["f32", "int8mm"])
+    with pytest.raises(KernelChoiceError, match="pq-bf16.*pq-gather.*pq-lut.*pq-tiled"):
+        layer.form_for(3)
+
+
+def test_selector_times_pq_forms_and_keeps_only_the_winners_state(tmp_path, monkeypatch):
+    from lowbit.kernels.select import KernelSelector
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    layer = PQLinear(codebook(out=40, inp=64, k=16, bs=8))
+    layer.selector = KernelSelector(tmp_path, budget_s=0.01)
+    with torch.no_grad():
+        layer(torch.randn(1, 64))
+    form = layer.form_for(1)
+    assert form in pq.SELECTABLE
+    entry = layer.selector.timings("pq/w4g8/32x64", 1)  # shape class: 16 centroids = 4 bits
+    assert entry["path"] == "pq-" + form
+    assert sorted(entry["ms"]) == ["fp32", "pq-bf16", "pq-gather", "pq-lut", "pq-lutg", "pq-tiled"]
+    assert set(layer._derived_state) == set(PQLinear._FORM_STATE[form])
+    fresh = PQLinear(codebook(out=40, inp=64, k=16, bs=8))  # another layer of the class: no timing
+    fresh.selector = KernelSelector(tmp_path, budget_s=0.01)
+    assert fresh.form_for(1) == form and fresh._derived_state == {}
 
 
 def test_derived_state_follows_load_state_dict():

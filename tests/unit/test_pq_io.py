@@ -79,6 +79,26 @@ def test_save_load_round_trip_identical_and_size_report_equals_file(tmp_path):
     assert (fc.centroid_bytes, fc.assignment_bytes, fc.float_bytes) == (128, 64, 1024)
 
 
+def test_forward_forms_add_nothing_to_the_file_or_the_size_report(tmp_path):
+    """Every PQLinear form's derived state (index tensors, bf16/fp32 centroid copies, the cached
+    weight) built before saving: the state dict, the file's tensor bytes and the report stay
+    the codebook's."""
+    from lowbit.kernels import pq
+    m = quantized()
+    before = lowbit.ipq.size_report(m).stored_bytes
+    ids, img = inputs()
+    with torch.no_grad():
+        for form in pq.FORMS:
+            m.fc.set_form(form), m.out.set_form(form)
+            m(ids, img)
+    assert len(m.fc._derived_state) == 7  # weight, lut, bags, lutg, flat, cent32, cent16
+    assert sorted(m.fc.state_dict()) == ["assignments", "bias", "centroids"]
+    path = lowbit.save(m, tmp_path / "f.safetensors")
+    with safe_open(str(path), "pt") as f:
+        file_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert file_bytes == before == lowbit.ipq.size_report(m).stored_bytes
+
+
 def test_shared_pq_module_stays_shared_through_the_file(tmp_path):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())

@@ -13,13 +13,24 @@ Forms (y = x @ W^T + b, W (out, in) made of n_blocks = in / block_size sub-vecto
               Inference only (no autograd through ``out=``).
   ``lut``     lookup table (asymmetric distance computation, Jegou et al., "Product Quantization
               for Nearest Neighbor Search", TPAMI 2011): per input block the dot products with
-              every centroid, ``T = x_block @ centroids^T`` (M, n_blocks, k), then
-              ``y[m, o] = sum_j T[m, j, a[o, j]]``: one gather of n_blocks table entries and a sum
-              per output, reading one int32 index per block instead of block_size floats. Pays at
-              M = 1 on large weights only (its gather traffic grows with M; a GEMM's does not).
-  ``ref``     the reference: `CodebookWeight.dequantize` then `F.linear`.
-Each form is parity-tested against ``ref`` (tests/parity/test_pq.py). Timings and the measured
-choice (`choose_form`): benchmarks/pq_forward.py, figures in its docstring.
+              every centroid, ``T = x_block @ centroids^T`` (one GEMM, laid out (n_blocks * k, M)),
+              then ``y[m, o] = sum_j T[a[o, j] + j * k, m]``: one ``torch.embedding_bag`` (mode
+              sum, one bag of n_blocks rows per output) reading one int32 index per block
+              instead of block_size floats. Two ops; pays on large weights at M = 1..8.
+  ``lutg``    the same table laid out (M, n_blocks, k), summed by one ``torch.gather`` along k
+              with an int64 (n_blocks, out) index (8 bytes per block) and a sum over blocks:
+              fewer, vectorized gathers than the bag form; pays at M = 1 (1.1-1.8x fp32 on
+              384-wide weights where the bag form is 1.8-2.7x).
+  ``bf16``    the tiled gather from bfloat16 centroids (a bf16 copy of the k*block_size
+              centroid values: the size of the stored centroids) into a bf16 tile, bf16 GEMM,
+              fp32 output (a CPU with AVX512_BF16 runs a bf16 GEMM in 0.4-0.5x of fp32's time).
+              The decoded weight lives for one call (one tile on large weights), never longer.
+  ``ref``     the reference: `CodebookWeight.dequantize` then `F.linear` (``ref_bf16_linear``:
+              the same weight rounded to bf16, bf16 GEMM, the ``bf16`` form's twin).
+Which of `SELECTABLE` serves a layer at M rows is measured on the host by `kernels.select`
+(`nn.pq.PQLinear.candidates`; selector names ``pq-<form>``), never fixed here.
+Each form is parity-tested against ``ref`` (tests/parity/test_pq.py). Timings side by side:
+benchmarks/pq_forward.py, figures in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -28,7 +39,11 @@ import torch.nn.functional as F
 
 from ..primitives.codebook import CodebookWeight
 
-FORMS = ("cached", "gather", "tiled", "lut", "ref")
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "ref")
+# forms the host-measured selector may pick (no float weight kept between calls), and the prefix
+# of their selector names (``pq-lut``: no clash with `kernels.cpu`'s path names)
+SELECTABLE = ("tiled", "gather", "lut", "lutg", "bf16")
+SELECTOR_PREFIX = "pq-"
 # bytes of one tile of the tiled form's weight buffer: 512 rows of a 4096-input weight (tiles of
 # 32..512 rows measured on 4096x4096 at M = 64: 1.11, 1.17, 1.03, 0.97, 0.91 of fp32's time)
 TILE_BYTES = 8 << 20
@@ -50,10 +65,20 @@ def flat_assign(cw: CodebookWeight) -> torch.Tensor:
 
 
 def lut_index(cw: CodebookWeight) -> torch.Tensor:
-    """int32 (out * n_blocks,) flat indices ``j * k + a[o, j]`` into a row of the
-    (n_blocks * k) table (the ``lut`` form's state: 4 bytes per block)."""
+    """int32 (out * n_blocks,) flat indices ``j * k + a[o, j]`` into the (n_blocks * k) rows of
+    the table (the ``lut`` form's state: 4 bytes per block)."""
     offsets = torch.arange(cw.n_blocks, dtype=torch.int64) * cw.k  # (n_blocks,)
     return (cw.indices() + offsets).to(torch.int32).reshape(-1)
+
+
+def lut_bags(cw: CodebookWeight) -> torch.Tensor:
+    """int32 (out,) start of each output's bag in `lut_index` (``o * n_blocks``)."""
+    return torch.arange(0, cw.rows * cw.n_blocks, cw.n_blocks, dtype=torch.int32)
+
+
+def lutg_index(cw: CodebookWeight) -> torch.Tensor:
+    """int64 (n_blocks, out) centroid indices, transposed (the ``lutg`` form's state)."""
+    return cw.indices().t().contiguous()
 
 
 def cached_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -88,15 +113,54 @@ def tiled_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_assign: torch.
 
 
 def lut_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_index: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bags: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``centroids`` float32 (k, block_size), ``flat_index`` int32 (out * n_blocks,) from
-    `lut_index`."""
-    m = x2d.shape[0]
+    `lut_index`, ``bags`` int32 (out,) from `lut_bags`."""
+    x = x2d.float()
+    m = x.shape[0]
     bs = centroids.shape[1]
-    table = (x2d.float().reshape(-1, bs) @ centroids.t()).reshape(m, -1)  # (M, n_blocks * k)
-    picked = torch.index_select(table, 1, flat_index)  # (M, out * n_blocks)
-    y = picked.view(m, -1, table.shape[1] // centroids.shape[0]).sum(-1)  # (M, out)
-    return y if bias is None else y + bias
+    t = torch.mm(x.reshape(-1, bs), centroids.t())  # (M * n_blocks, k)
+    table = t.view(-1, 1) if m == 1 else t.view(m, -1).t().contiguous()  # (n_blocks * k, M)
+    y = torch.embedding_bag(table, flat_index, bags, False, 0)[0]  # (out, M); mode 0: sum
+    y = y.view(1, -1) if m == 1 else y.t()  # (M, out)
+    return y if bias is None else torch.add(y, bias)
+
+
+def lutg_linear(x2d: torch.Tensor, centroids: torch.Tensor, index_t: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """``centroids`` float32 (k, block_size), ``index_t`` int64 (n_blocks, out) from
+    `lutg_index`."""
+    x = x2d.float()
+    m = x.shape[0]
+    k, bs = centroids.shape
+    nb, out = index_t.shape
+    t = torch.mm(x.reshape(-1, bs), centroids.t()).view(m, nb, k)  # (M, n_blocks, k)
+    y = torch.gather(t, 2, index_t.expand(m, nb, out)).sum(1)  # (M, out)
+    return y if bias is None else y.add_(bias)
+
+
+def bf16_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_assign: torch.Tensor,
+                out_features: int, bias: torch.Tensor | None, tile_rows: int = 0) -> torch.Tensor:
+    """fp32 (M, out): bf16 activations times the weight gathered from bf16 ``centroids``
+    (k, block_size) by ``flat_assign`` (int32 (out * n_blocks,)), tile by tile (``TILE_BYTES``
+    of fp32-equivalent rows); the bf16 GEMM output widened to fp32, then the fp32 bias added."""
+    x = x2d.to(torch.bfloat16)
+    m, inp = x.shape
+    bs = centroids.shape[1]
+    nb = inp // bs
+    tile = min(tile_rows or max(1, TILE_BYTES // (4 * inp)), out_features)
+    if tile == out_features:  # one tile: no scratch, no copy
+        w = torch.index_select(centroids, 0, flat_assign).view(out_features, inp)
+        y = torch.mm(x, w.t()).float()
+        return y if bias is None else y.add_(bias)
+    buf = torch.empty(tile * nb, bs, dtype=torch.bfloat16)  # (tile * n_blocks, block_size)
+    y = torch.empty(m, out_features)
+    for r0 in range(0, out_features, tile):
+        n = min(tile, out_features - r0)
+        part = buf[:n * nb]
+        torch.index_select(centroids, 0, flat_assign[r0 * nb:(r0 + n) * nb], out=part)
+        y[:, r0:r0 + n] = torch.mm(x, part.view(n, inp).t())  # (M, n), bf16 -> fp32
+    return y if bias is None else y.add_(bias)
 
 
 def ref_linear(x2d: torch.Tensor, cw: CodebookWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -104,24 +168,9 @@ def ref_linear(x2d: torch.Tensor, cw: CodebookWeight, bias: torch.Tensor | None)
     return F.linear(x2d.float(), cw.dequantize(torch.float32).reshape(cw.rows, cw.cols), bias)
 
 
-# Form choice without a cached weight, from benchmarks/pq_forward.py (1 thread, AMD EPYC, two runs
-# on a machine loaded by other jobs, load average ~6 on 2 cores; median time / fp32 nn.Linear's):
-#   M = 1:  lut 0.75-0.92 on 4096x4096, 0.40-1.12 on 1536x384, 1.63-1.67 on 384x384; gather/tiled
-#           rebuild the weight and lose (1.0-3.3 on small weights, 1.5-10.7 on 4096x4096)
-#   M = 8:  tiled 1.11-1.39 on 4096x4096; gather 1.05-1.89 on the 384-wide weights
-#   M = 64: tiled 1.05-1.13 on 4096x4096; gather 0.98-1.06 on the 384-wide weights
-# Only ``cached`` (0.8-1.0) is never slower than fp32, at the cost of fp32's memory.
-TILED_MIN_NUMEL = 1 << 22
-
-
-def choose_form(rows: int, numel: int, cached: bool = False, grad: bool = False) -> str:
-    """The forward form for ``rows`` activation rows on a weight of ``numel`` elements:
-    ``cached`` when a reconstructed weight is kept, ``gather`` when gradients must reach the
-    centroids, else ``lut`` for one row, ``tiled`` for large weights, ``gather`` otherwise."""
-    if cached:
-        return "cached"
-    if grad:
-        return "gather"
-    if rows == 1:
-        return "lut"
-    return "tiled" if numel >= TILED_MIN_NUMEL else "gather"
+def ref_bf16_linear(x2d: torch.Tensor, cw: CodebookWeight,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """The ``bf16`` form's twin: the reference weight rounded to bf16, one bf16 GEMM."""
+    w = cw.dequantize(torch.float32).reshape(cw.rows, cw.cols).to(torch.bfloat16)
+    y = F.linear(x2d.to(torch.bfloat16), w).float()
+    return y if bias is None else y.add_(bias)

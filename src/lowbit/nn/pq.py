@@ -9,8 +9,11 @@ derived index tensors and the optional cached float weight are rebuilt in one pl
 (`_derived`), keyed on the identity and version counter of ``centroids`` and ``assignments``, so
 ``load_state_dict``, ``.to()`` and optimizer steps on the centroids can never leave them stale.
 
-Runtime memory beyond the file's bytes: an int32 index per block for each of the ``lut`` and
-``tiled`` forms used (built on first use), plus out*in*4 bytes with ``cache=True``.
+Runtime memory beyond the file's bytes: an index per block for the forms a layer takes (int32
+for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``; the others' are
+dropped once the selector has chosen), a float32 and a bf16 copy of the centroids
+(k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
+kept otherwise.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import pq
+from ..kernels.select import row_bucket, shape_class
 from ..primitives.codebook import CodebookError, CodebookWeight, unpack_assignments
 from ..spec import ActSpec
 from .base import QuantizedModule, check_ids
 from .registry import register
+from .selection import selector_of, timing_input
 
 
 class PQModule(QuantizedModule):
@@ -130,8 +135,11 @@ class PQLinear(PQModule):
     """y = x @ W^T + b with W = centroids[assignments] (blocks of ``block_size`` inputs).
 
     ``cache=True`` keeps the reconstructed fp32 weight (fp32's speed, fp32's memory); otherwise
-    `kernels.pq.choose_form` picks per call. ``force_form`` pins one of `kernels.pq.FORMS`.
-    While the centroids require grad and grad is enabled, the differentiable gather form runs.
+    the form for M rows is the one of `kernels.pq.SELECTABLE` measured fastest on this host
+    (`kernels.select`, per shape class and row bucket, cached on disk; ``LOWBIT_KERNEL`` and a
+    layer's ``selector`` pin it by selector name, ``pq-<form>``). ``set_form`` pins one of
+    `kernels.pq.FORMS`. While the centroids require grad and grad is enabled, the
+    differentiable gather form runs.
     """
 
     def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None, cache: bool = False,
@@ -145,6 +153,8 @@ class PQLinear(PQModule):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(),
                                                                  requires_grad=False)
         self.force_form: str | None = None
+        self.selector = None  # None: `nn.selection.default_selector()`
+        self._paths: dict[str, str] = {}  # row bucket -> form measured fastest here
         self._derived_state: dict[str, tuple[tuple, torch.Tensor]] = {}  # key -> (stamp, tensor)
 
     @classmethod
@@ -162,52 +172,90 @@ class PQLinear(PQModule):
             raise ValueError(f"unknown PQ form {form!r}; forms: {pq.FORMS}")
         self.force_form = form
 
+    # derived tensor -> what it derives from ("c": centroids, "a": assignments) and its builder
+    _DERIVED = {"weight": ("ca", pq.reconstruct), "lut": ("a", pq.lut_index),
+                "bags": ("a", pq.lut_bags), "flat": ("a", pq.flat_assign),
+                "lutg": ("a", pq.lutg_index),
+                "cent32": ("c", lambda cw: cw.centroids.float()),
+                "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16))}
+    _FORM_STATE = {"cached": ("weight",), "gather": ("flat", "cent32"), "tiled": ("flat", "cent32"),
+                   "lut": ("lut", "bags", "cent32"), "lutg": ("lutg", "cent32"),
+                   "bf16": ("flat", "cent16"), "ref": ()}
+
     def _derived(self, key: str) -> torch.Tensor:
-        """A form's derived tensor, rebuilt whenever a tensor it derives from changed (the cached
-        weight: centroids and assignments; float32 centroids: centroids; index forms:
-        assignments). A tensor's stamp is its storage address and version counter: ``.to()`` and
-        loads replace or write the storage, optimizer steps bump the version."""
-        params, buffers = self._parameters, self._buffers
-        c, a = params["centroids"], buffers["assignments"]
-        if key == "weight":
-            now = (c.data_ptr(), c._version, a.data_ptr(), a._version)
-        elif key == "cent32":
-            now = (c.data_ptr(), c._version)
-        else:
-            now = (a.data_ptr(), a._version)
+        """A form's derived tensor, rebuilt whenever a tensor it derives from changed. A tensor's
+        stamp is its storage address and version counter: ``.to()`` and loads replace or write
+        the storage, optimizer steps bump the version."""
+        c, a = self._parameters["centroids"], self._buffers["assignments"]
+        deps, build = self._DERIVED[key]
+        now = (((c.data_ptr(), c._version) if "c" in deps else ())
+               + ((a.data_ptr(), a._version) if "a" in deps else ()))
         entry = self._derived_state.get(key)
         if entry is not None and entry[0] == now:
             return entry[1]
-        build = {"weight": pq.reconstruct, "lut": pq.lut_index, "flat": pq.flat_assign,
-                 "cent32": lambda cw: cw.centroids.float()}[key]
         value = build(self.codebook)
         self._derived_state[key] = (now, value)
         return value
 
+    def shape_key(self) -> str:
+        """The selector's weight-shape class: ``pq/w<index bits>g<block size>/<out>x<in>``."""
+        bits = max(1, (self.centroids.shape[0] - 1).bit_length())
+        return shape_class("pq", bits, self.block_size, self.out_features, self.in_features)
+
+    def candidates(self) -> dict:
+        """`kernels.pq.SELECTABLE` as callables of a row count (what the selector times)."""
+        x = timing_input(self.in_features)
+        return {pq.SELECTOR_PREFIX + f: (lambda m, f=f: self._run(f, x(m), None))
+                for f in pq.SELECTABLE}
+
+    def _reference(self):
+        """The float layer (a reconstructed weight that lives only while the selector times)."""
+        w, x = pq.reconstruct(self.codebook), timing_input(self.in_features)
+        return lambda m: F.linear(x(m), w)
+
+    def _select(self, rows: int) -> str:
+        bucket, _ = row_bucket(rows)
+        form = self._paths.get(bucket)
+        if form is None:
+            with torch.no_grad():
+                name = selector_of(self).choose(self.shape_key(), rows, self.candidates(),
+                                                self._reference())
+            form = self._paths[bucket] = name.removeprefix(pq.SELECTOR_PREFIX)
+            keep = {k for f in self._paths.values() for k in self._FORM_STATE[f]}
+            for k in set(self._derived_state) - keep:  # the losers' index tensors
+                del self._derived_state[k]
+        return form
+
     def form_for(self, rows: int) -> str:
-        grad = self.centroids.requires_grad and torch.is_grad_enabled()
-        if grad:
+        if self.centroids.requires_grad and torch.is_grad_enabled():
             return "gather"
-        return self.force_form or pq.choose_form(rows, self.out_features * self.in_features,
-                                                 self.cache)
+        if self.force_form or self.cache:
+            return self.force_form or "cached"
+        return self._select(rows) if rows else "gather"
+
+    def _run(self, form: str, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.centroids.requires_grad and torch.is_grad_enabled():  # finetuning: gather only
+            return pq.gather_linear(x2d, self.centroids.float(),
+                                    self._derived("flat").view(self.out_features, -1), bias)
+        d = self._derived
+        if form == "cached":
+            return pq.cached_linear(x2d, d("weight"), bias)
+        if form == "gather":  # index (out, n_blocks) int32
+            return pq.gather_linear(x2d, d("cent32"), d("flat").view(self.out_features, -1), bias)
+        if form == "tiled":
+            return pq.tiled_linear(x2d, d("cent32"), d("flat"), self.out_features, bias)
+        if form == "lut":
+            return pq.lut_linear(x2d, d("cent32"), d("lut"), d("bags"), bias)
+        if form == "lutg":
+            return pq.lutg_linear(x2d, d("cent32"), d("lutg"), bias)
+        if form == "bf16":
+            return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias)
+        return pq.ref_linear(x2d, self.codebook, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # (M, in)
-        form = self.form_for(x2d.shape[0])
         bias = None if self.bias is None else self.bias.float()  # no copy when float32
-        training = self.centroids.requires_grad and torch.is_grad_enabled()
-        cent = self.centroids.float() if training else self._derived("cent32")
-        if form == "cached":
-            y = pq.cached_linear(x2d, self._derived("weight"), bias)
-        elif form == "gather":
-            index = self._derived("flat").view(self.out_features, -1)  # (out, n_blocks) int32
-            y = pq.gather_linear(x2d, cent, index, bias)
-        elif form == "tiled":
-            y = pq.tiled_linear(x2d, cent, self._derived("flat"), self.out_features, bias)
-        elif form == "lut":
-            y = pq.lut_linear(x2d, cent, self._derived("lut"), bias)
-        else:
-            y = pq.ref_linear(x2d, self.codebook, bias)
+        y = self._run(self.form_for(x2d.shape[0]), x2d, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
