@@ -15,7 +15,8 @@ def kernels_table(refresh: bool = False, threads: int | None = None) -> str:
     if refresh:
         selector.clear()
     host = describe_host()
-    rows = [(c["shape"], c["bucket"], c["path"],
+    rows = [(c["shape"], c["bucket"],
+             c["path"] + (f" (provisional: timed at load {c['load']})" if c.get("provisional") else ""),
              " ".join(f"{k} {v:.3f}" for k, v in sorted(c.get("ms", {}).items())))
             for c in selector.cached_choices()]
     head = (f"CPU: {host['cpu']} (capability {host['capability']}; flags {', '.join(host['flags']) or 'none'})\n"

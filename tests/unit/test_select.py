@@ -4,6 +4,7 @@ the "slow" one sleeps 20 ms a call, far beyond any timing noise of a no-op."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from lowbit.kernels import select
 
 SLOW_S = 0.02
+REAL_OVERSUBSCRIBED = select.oversubscribed  # conftest replaces it in every test
 
 
 @pytest.fixture(autouse=True)
@@ -198,3 +200,32 @@ def test_decisions_of_another_process_are_kept_when_saving(tmp_path):
     second.choose("b", 1, candidates([]))
     shapes = {row["shape"] for row in select.cached_choices(tmp_path)}
     assert shapes == {"a", "b"}
+
+
+def test_a_decision_timed_under_oversubscription_is_provisional_and_retimed_when_quiet(tmp_path, monkeypatch):
+    sel = select.KernelSelector(tmp_path)
+    calls: list = []
+    monkeypatch.setattr(select, "oversubscribed", lambda: 9.5)  # load 9.5 on fewer cores
+    assert sel.choose("w8a8/w8g0/512x512", 64, candidates(calls)) == "w8a8"
+    entry = sel.timings("w8a8/w8g0/512x512", 64)
+    assert entry["provisional"] is True and entry["load"] == 9.5
+    timed = len(calls)
+    assert sel.choose("w8a8/w8g0/512x512", 64, candidates(calls)) == "w8a8"  # still loaded: reused
+    assert len(calls) == timed
+    monkeypatch.setattr(select, "oversubscribed", lambda: None)
+    fresh = select.KernelSelector(tmp_path)  # another process, on a quiet machine
+    assert fresh.choose("w8a8/w8g0/512x512", 64, candidates(calls)) == "w8a8"
+    assert len(calls) > timed  # timed again
+    entry = fresh.timings("w8a8/w8g0/512x512", 64)
+    assert "provisional" not in entry and "load" not in entry
+    again = select.KernelSelector(tmp_path)
+    assert again.choose("w8a8/w8g0/512x512", 64, {"f32": must_not_run, "w8a8": must_not_run}) == "w8a8"
+
+
+def test_oversubscribed_reads_the_load_against_this_process_cores(monkeypatch):
+    monkeypatch.setattr(select, "oversubscribed", REAL_OVERSUBSCRIBED)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(select.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert select.oversubscribed() == cores + 3.0
+    monkeypatch.setattr(select.os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    assert select.oversubscribed() is None

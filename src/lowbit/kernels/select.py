@@ -27,6 +27,13 @@ Path names are the callers' (``fp32``, ``f32``, ``bf16``, ``int8mm``, ``int4mm``
 cache costs, per (shape class, row bucket) that a model actually meets, one warm-up and
 `PRUNE_AFTER` timed calls per candidate, then rounds of the candidates still in the race until
 `BUDGET_S` (``ms`` in the file: the least time of each candidate's timed calls).
+
+A decision timed while the machine was oversubscribed (1-minute load average above the cores this
+process may use, `oversubscribed`) is stored with ``"provisional": true`` and its ``load``: it is
+used, but timed again by the first process that needs it on a machine that is not oversubscribed.
+Under heavy load even the least of a few calls can be a preempted one (seen here: a 1,024-row
+int8 product recorded at 629 ms against 78 ms for fp32 at load 17 on 2 cores), and a wrong
+choice written once would otherwise stay for good.
 """
 from __future__ import annotations
 
@@ -151,6 +158,17 @@ def time_candidates(candidates: dict[str, Candidate], m: int, budget_s: float = 
     return {name: min(v) for name, v in samples.items()}
 
 
+def oversubscribed() -> float | None:
+    """The 1-minute load average when it exceeds the cores this process may run on (other jobs
+    then take turns with our timed calls), else None; None where the OS does not say."""
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    except (OSError, AttributeError):
+        return None
+    return load if cores and load > cores + 0.5 else None
+
+
 def _time_ms(fn: Candidate, m: int) -> float:
     t0 = time.perf_counter()
     fn(m)
@@ -202,8 +220,10 @@ class KernelSelector:
         bucket, m = row_bucket(rows)
         choices = self._choices()
         known = choices.get(shape_key, {}).get(bucket)
+        load = oversubscribed()
         if known is not None and known.get("path") in candidates and \
-                (reference is None or REFERENCE in known.get("ms", {})):
+                (reference is None or REFERENCE in known.get("ms", {})) and \
+                not (known.get("provisional") and load is None):
             return known["path"]
         names = order_candidates(list(candidates), self.host())
         timed = {n: candidates[n] for n in names}
@@ -211,7 +231,10 @@ class KernelSelector:
             timed[REFERENCE] = reference
         ms = time_candidates(timed, m, self.budget_s)
         best = min(names, key=lambda n: ms[n])  # first of equals: the capability order
-        choices.setdefault(shape_key, {})[bucket] = {"path": best, "ms": ms}
+        entry = {"path": best, "ms": ms}
+        if load is not None:
+            entry.update(provisional=True, load=round(load, 2))
+        choices.setdefault(shape_key, {})[bucket] = entry
         self._save(choices)
         return best
 
