@@ -21,3 +21,15 @@ os.environ.setdefault("LOWBIT_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit-test-c
 def _steady_machine(monkeypatch):
     from lowbit.kernels import select
     monkeypatch.setattr(select, "oversubscribed", lambda: None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests, restored afterwards (modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``): ~100 small ops a call on a busy
+    2-core machine ran 10-100x slower with two threads (0.07 s -> 14 s)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

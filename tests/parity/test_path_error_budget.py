@@ -30,12 +30,7 @@ PATH_ERROR_BUDGET = {8: 0.5, 4: 0.1}
 SCHEMES = ["w8", "w8g128", "w8-asym", "w4g128", "w4g32", "w4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ EMA_ALTERNATING_TOL = 0.03  # momentum 0.05 on extremes alternating 1 / 3: oscil
 EMA_STREAM_TOL = 0.05  # |EMA - mean of batch maxima|, random stream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

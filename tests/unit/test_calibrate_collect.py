@@ -11,12 +11,7 @@ from lowbit.calibrate import CalibrationError, ObserverConfig, capture_inputs, c
 HESSIAN_RTOL = 1e-6  # float32 products of float32 inputs, summed in float64 (calibrate.hessian)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mlp() -> nn.Sequential:

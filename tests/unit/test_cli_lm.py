@@ -25,12 +25,7 @@ CORPUS = "\n".join(" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(1
 PPL_REL_TOL = 1e-6  # the CLI and the library compute the same float64 sum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

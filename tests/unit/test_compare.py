@@ -24,12 +24,7 @@ PROBE_MIN_FRACTION = 0.5   # the loaded model's RSS growth covers at least half 
 PROBE_SLACK_MB = 64        # ... and at most the file plus this (allocator and import noise)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -54,14 +54,7 @@ def measured_sqnr(w: torch.Tensor, scheme: str) -> float:
     return sqnr_db(w, quantize_weight(w, parse_scheme(scheme), scheme).dequantize())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The searches run ~100 small ops per call; on a busy 2-core box, two intra-op threads made
-    them 100x slower (0.07 s -> 14 s). One thread keeps this module fast; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

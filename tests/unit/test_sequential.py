@@ -23,13 +23,7 @@ VOCAB, LAYERS = 97, 3
 DAMP_EFFECT_MIN = 1  # codes that a 10x damping changes, at least (measured: hundreds)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscription on a shared machine (10x slower there)."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_llama(layers: int = LAYERS) -> torch.nn.Module:

@@ -18,12 +18,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def llama_folder(path, tied: bool = True, layers: int = 3):

@@ -20,12 +20,7 @@ from tiny_bert import make_tiny_bert  # noqa: E402
 COS_SAME = 1 - 1e-5       # the fp32 model against itself: cosine 1 up to float rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

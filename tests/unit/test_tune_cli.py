@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import lowbit
 from lowbit import cli
@@ -25,12 +24,7 @@ N_PLANNED = 12           # 2 layers x 6 Linear; pooler.dense is the output head
 METRIC_ABS_TOL = 1e-9    # the loaded file and tune's in-process check run the same pinned kernels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
