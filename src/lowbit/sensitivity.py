@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -131,6 +132,11 @@ class SensitivityReport:
         out = [self._title(), text_table(headers, self._rows(), [False, False] + [True] * (len(headers) - 2))]
         out += [f"  skipped {n}: {why}" for n, why in self.skipped.items()]
         return "\n".join(out)
+
+    def plot(self, path) -> "Path":
+        """A PNG of the ranked drops (`tune_plot.plot_sensitivity`); returns its path."""
+        from .tune_plot import plot_sensitivity
+        return plot_sensitivity(self, path)
 
     def to_markdown(self) -> str:
         headers = self._headers()

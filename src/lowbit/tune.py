@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -147,6 +148,11 @@ class TuneReport:
         out += [f"  repair: {r}" for r in self.repairs]
         out += [f"  {n}: {c} not possible ({why})" for n, d in self.skipped.items() for c, why in d.items()]
         return "\n".join(out)
+
+    def plot(self, path) -> "Path":
+        """A PNG of the chosen mix and its bytes (`tune_plot.plot_tune`); returns its path."""
+        from .tune_plot import plot_tune
+        return plot_tune(self, path)
 
     def to_markdown(self) -> str:
         lines = [f"{line}  " for line in self._lines()] + ["", "| weights | MB | ms |", "|---|---|---|"]

@@ -56,6 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", nargs="+", default=None, help="exact names, class names or re:<regex>")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
     p.add_argument("--markdown", default=None, help="also write the report as Markdown here")
+    p.add_argument("--plot", default=None, help="also write the report as a PNG here (needs matplotlib)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
@@ -90,6 +91,11 @@ def _write_reports(report, args: argparse.Namespace) -> None:
         if path:
             write_file(Path(path), lambda tmp, t=text: tmp.write_text(t(), encoding="utf-8"))
             print(f"wrote {path}")
+    if args.plot:
+        try:
+            print(f"plot: {report.plot(args.plot)}")
+        except ImportError as exc:
+            print(f"plot not written: {exc}", file=sys.stderr)
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:

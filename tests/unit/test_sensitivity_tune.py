@@ -196,3 +196,13 @@ def test_record_inputs_keeps_float_inputs_up_to_the_cap_and_leaves_no_hook(toy):
     assert [len(rec["2"]), len(rec["6"])] == [2, 2]  # 256 x 64 per call: the cap stops it after two
     assert torch.equal(rec["2"][0], torch.relu(model[0](task.x)).detach())
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_both_reports_plot_a_png(toy, tmp_path):
+    pytest.importorskip("matplotlib")
+    model, task = toy
+    report = tune(model, task, max_drop=BUDGET, candidates=("w8", "w4g32"), progress=False)
+    for name, rep in (("sens", report.profiles["w4g32"]), ("tune", report)):
+        path = rep.plot(tmp_path / f"{name}.png")
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name  # a real image
