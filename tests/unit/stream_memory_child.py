@@ -25,7 +25,7 @@ def attempt(fn) -> str | None:
         fn()
     except (MemoryError, RuntimeError, OSError) as exc:
         traceback.print_exc()
-        return f"{type(exc).__name__}: {str(exc)[:160]}"
+        return f"{type(exc).__name__}: {str(exc)[-2000:]}"  # whole: a long tmp path once cut "memory" off
     return None
 
 
