@@ -2,7 +2,8 @@
 `compare_plot`).
 
 Sensitivity: one horizontal bar per unit, most sensitive at the top (the report's ranking), its
-length the task drop with only that unit quantized, labelled with the unit's output SQNR.
+length the task drop with only that unit quantized (grey where the metric moved the good way),
+labelled with the unit's output SQNR.
 Tune: left, each layer's bytes under the chosen mix, coloured by its choice, in model order;
 right, total weight bytes of the mix beside float and each candidate used on every layer.
 """
@@ -20,7 +21,8 @@ def plot_sensitivity(report, path: str | Path) -> Path:
     units = report.units[:MAX_UNITS]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.28 * max(len(units), 1)))
     ys = range(len(units))[::-1]  # rank 1 at the top
-    ax.barh(list(ys), [u.drop for u in units], color="tab:red", height=0.7)
+    ax.barh(list(ys), [u.drop for u in units], height=0.7,  # grey: the metric moved the good way
+            color=["tab:red" if u.drop > 0 else "0.65" for u in units])
     ax.set_yticks(list(ys), [u.name for u in units], fontsize=8)
     for y, u in zip(ys, units):
         ax.annotate(f"{u.sqnr_db:.1f} dB", (max(u.drop, 0.0), y), textcoords="offset points",
