@@ -228,4 +228,21 @@ def test_oversubscribed_reads_the_load_against_this_process_cores(monkeypatch):
     monkeypatch.setattr(select.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
     assert select.oversubscribed() == cores + 3.0
     monkeypatch.setattr(select.os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
-    assert select.oversubscribed() is None
+    monkeypatch.setattr(select, "_others_running", lambda: 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)
+    assert select.oversubscribed() is None  # our threads fill the cores, nobody else runs
+    monkeypatch.setattr(select, "_others_running", lambda: 1)  # a job started a moment ago
+    assert select.oversubscribed() == cores + 1.0
+
+
+def test_others_running_reads_proc_loadavg():
+    others = select._others_running()
+    assert others is None or others >= 0
+
+
+def test_a_job_starting_during_the_timing_makes_the_decision_provisional(tmp_path, monkeypatch):
+    sel = select.KernelSelector(tmp_path)
+    readings = iter([None, 3.0])  # quiet before the timing, oversubscribed after it
+    monkeypatch.setattr(select, "oversubscribed", lambda: next(readings))
+    sel.choose("w8a8/w8g0/512x512", 64, candidates([]))
+    assert sel.timings("w8a8/w8g0/512x512", 64)["provisional"] is True

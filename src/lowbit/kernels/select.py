@@ -29,7 +29,8 @@ cache costs, per (shape class, row bucket) that a model actually meets, one warm
 `BUDGET_S` (``ms`` in the file: the least time of each candidate's timed calls).
 
 A decision timed while the machine was oversubscribed (1-minute load average above the cores this
-process may use, `oversubscribed`) is stored with ``"provisional": true`` and its ``load``: it is
+process may use, or more threads wanting a core right now than there are: `oversubscribed`,
+checked before and after the timing) is stored with ``"provisional": true`` and its ``load``: it is
 used, but timed again by the first process that needs it on a machine that is not oversubscribed.
 Under heavy load even the least of a few calls can be a preempted one (seen here: a 1,024-row
 int8 product recorded at 629 ms against 78 ms for fp32 at load 17 on 2 cores), and a wrong
@@ -159,14 +160,42 @@ def time_candidates(candidates: dict[str, Candidate], m: int, budget_s: float = 
 
 
 def oversubscribed() -> float | None:
-    """The 1-minute load average when it exceeds the cores this process may run on (other jobs
-    then take turns with our timed calls), else None; None where the OS does not say."""
+    """How oversubscribed this machine is for timing at the current thread count, or None when it
+    is not (or the OS does not say): the 1-minute load average when it exceeds the cores this
+    process may run on, else the number of threads wanting a core right now (other runnable
+    tasks, from /proc/loadavg, plus this process's torch threads) when that exceeds them. The
+    instant count catches a job that started seconds ago, which the 1-minute average still hides
+    (a single-thread job beside a 2-thread decision on 2 cores)."""
     try:
         load = os.getloadavg()[0]
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     except (OSError, AttributeError):
         return None
-    return load if cores and load > cores + 0.5 else None
+    if not cores:
+        return None
+    if load > cores + 0.5:
+        return load
+    others = _others_running()
+    wanting = None if others is None else others + torch.get_num_threads()
+    return float(wanting) if wanting is not None and wanting > cores else None
+
+
+def _others_running() -> int | None:
+    """Runnable tasks on the machine now that are not this process's threads (field 4 of
+    /proc/loadavg, "running/total", less this process's threads in state R: torch's worker
+    threads spin for a while after a parallel op and count as running); None where /proc does not
+    say."""
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        own = 0
+        for stat in Path("/proc/self/task").glob("*/stat"):
+            try:
+                own += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                continue  # a thread that ended while we read
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(running - max(own, 1), 0)
 
 
 def _time_ms(fn: Candidate, m: int) -> float:
@@ -230,6 +259,7 @@ class KernelSelector:
         if reference is not None:
             timed[REFERENCE] = reference
         ms = time_candidates(timed, m, self.budget_s)
+        load = load or oversubscribed()  # a job may have started while we timed
         best = min(names, key=lambda n: ms[n])  # first of equals: the capability order
         entry = {"path": best, "ms": ms}
         if load is not None:
