@@ -249,11 +249,13 @@ class KernelSelector:
         bucket, m = row_bucket(rows)
         choices = self._choices()
         known = choices.get(shape_key, {}).get(bucket)
+        usable = known is not None and known.get("path") in candidates and \
+            (reference is None or REFERENCE in known.get("ms", {}))
+        if usable and not known.get("provisional"):
+            return known["path"]  # the common case: no /proc reads
         load = oversubscribed()
-        if known is not None and known.get("path") in candidates and \
-                (reference is None or REFERENCE in known.get("ms", {})) and \
-                not (known.get("provisional") and load is None):
-            return known["path"]
+        if usable and load is not None:
+            return known["path"]  # provisional, and still no quiet machine to re-time it on
         names = order_candidates(list(candidates), self.host())
         timed = {n: candidates[n] for n in names}
         if reference is not None:
