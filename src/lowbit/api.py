@@ -110,22 +110,14 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     runtime_smooth = None
     if smooth is not None:
         data = materialize(data)
-        model.lowbit_smooth = smooth_model(model, data, alpha=smooth, names=sorted(the_plan.layers))
+        runtime_smooth = _smooth_first(model, data, smooth, the_plan, sequential)
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
-        # run-time smoothing is not wired into block-by-block quantization: there the layers
-        # that cannot be folded stay unsmoothed (named in the report), as before
-        int8_inputs = [n for n, r in the_plan.layers.items() if r.input_mode is not None]
-        if not sequential:
-            runtime_smooth = smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
     if sequential:
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
     else:
         stats = calibrate_for(model, the_plan, data, progress, runtime_smooth)
         report = apply(model, the_plan, stats=stats, progress=progress, input_smooth=runtime_smooth)
-    report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
-    report.warnings += slow
-    for w in slow:
-        warnings.warn(w, stacklevel=2)
+    _speed_summary(model, report)
     model.lowbit_source = {**source, **provenance.method_provenance(the_plan, data, sequential)}
     model.lowbit_report = report
     if verbose:
@@ -133,6 +125,27 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     if verbose and smooth is not None:
         print(model.lowbit_smooth, file=sys.stderr)
     return model
+
+
+def _smooth_first(model: torch.nn.Module, data: list, alpha: float, the_plan, sequential: bool):
+    """SmoothQuant before quantizing (`model.lowbit_smooth` gets the report); returns the run-time
+    factors of int8-input layers whose producer cannot take them (None with ``sequential``: run-time
+    smoothing is not wired into block-by-block quantization, so those layers stay unsmoothed, named
+    in the report)."""
+    model.lowbit_smooth = smooth_model(model, data, alpha=alpha, names=sorted(the_plan.layers))
+    if sequential:
+        return None
+    int8_inputs = [n for n, r in the_plan.layers.items() if r.input_mode is not None]
+    return smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
+
+
+def _speed_summary(model: torch.nn.Module, report) -> None:
+    """The guardrail: each scheme's path and speed against float here, and a warning (also in the
+    report) for each scheme whose layers run slower than float on this machine."""
+    report.speed, slow = guardrail.summarize(guardrail.layer_speeds(model))
+    report.warnings += slow
+    for w in slow:
+        warnings.warn(w, stacklevel=3)
 
 
 def with_observer(recipe: Recipe, observer: str | None) -> Recipe:
