@@ -11,6 +11,15 @@ from .base import QuantizedModule
 from .registry import register
 
 
+def take_conv_geometry(module: torch.nn.Module, conv: torch.nn.Conv2d) -> None:
+    """Stride, padding, dilation, groups and a float32 copy of the bias (frozen) from the float
+    convolution a quantized one replaces (`QConv2d`, `nn.qlinear_a8.QConv2dA8`)."""
+    module.stride, module.padding, module.dilation = conv.stride, conv.padding, conv.dilation
+    module.groups = conv.groups
+    module.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().float(),
+                                                                    requires_grad=False)
+
+
 @register(torch.nn.Conv2d, "affine")
 class QConv2d(QuantizedModule):
     def __init__(self, qw: QuantizedWeight, conv: torch.nn.Conv2d, method: str = "rtn",
@@ -19,10 +28,7 @@ class QConv2d(QuantizedModule):
         if conv.padding_mode != "zeros":
             raise ValueError(f"QConv2d supports padding_mode='zeros' only, found {conv.padding_mode!r}")
         self._set_weight(qw, method, sqnr_db, input_spec)
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups = conv.groups
-        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().float(),
-                                                                      requires_grad=False)
+        take_conv_geometry(self, conv)
         self.rebuild()
 
     @classmethod

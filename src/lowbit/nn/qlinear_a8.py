@@ -20,6 +20,7 @@ from ..kernels.int8_dynamic import prepare_w8a8, w8a8_linear, w8a8_static_linear
 from ..primitives import QuantizedWeight
 from ..spec import ActSpec, QuantSpec
 from .base import QuantizedModule
+from .qconv import take_conv_geometry
 from .registry import register
 from .selection import choose_path, timing_input
 
@@ -187,10 +188,7 @@ class QConv2dA8(_A8Mixin, QuantizedModule):
             raise QuantizationError(why)
         self._set_weight(qw, method, sqnr_db, input_spec)
         self._init_input(input_spec, input_params, "QConv2dA8")
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups = conv.groups
-        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().float(),
-                                                                      requires_grad=False)
+        take_conv_geometry(self, conv)
         self.rebuild()
 
     @classmethod
