@@ -26,11 +26,17 @@ plain-torch twins (exact integer products in float64).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..primitives.affine import params_from_range, quantize_codes, round_to_codes
+from ..primitives.affine import (MIN_RELATIVE_SCALE, SMALLEST_SCALE, params_from_range,
+                                 quantize_codes, round_to_codes)
 from ..primitives.tokens import ACT_SPEC, token_params, token_range
+from . import jit
 
+# the compiled kernels' constants, from `primitives` (float32, as the twins compute)
+_TOKEN_CONSTANTS = (np.float32(ACT_SPEC.qmax), np.float32(MIN_RELATIVE_SCALE),
+                    np.float32(SMALLEST_SCALE["float32"]))
 QUANT_BLOCK = 1 << 19  # most elements of activations quantized in one piece
 INPLACE_CAST_MIN = 1 << 16  # int32 products at least this large are cast to float in place
 
@@ -127,9 +133,34 @@ def w8a8_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
 
     ``inv_smooth`` (K,) float32: SmoothQuant's run-time input scaling, ``x / s`` per input channel
     (as ``x * (1 / s)``) before the per-token grids, for a weight quantized as ``W * s``; one more
-    pass over the input (each row's range is that of the scaled row, so it cannot be folded)."""
+    pass over the input (each row's range is that of the scaled row, so it cannot be folded).
+
+    The codes and the epilogue run as compiled loops (`kernels.jit`: one pass each instead of 4-5
+    torch ops) when they are available, else as `w8a8_linear_torch`, their twin: the same codes bit
+    for bit, the same float32 epilogue in the same order."""
     if inv_smooth is not None:
         x2d = x2d * inv_smooth  # (M, K) * (K,)
+    n = prepared["weight"].shape[0]
+    codes = jit.kernel("token_codes", x2d.numel())
+    epilogue = jit.kernel("zp_epilogue", x2d.shape[0] * n)
+    if codes is None or epilogue is None:
+        return w8a8_linear_torch(x2d, prepared, bias)
+    x = x2d.detach().float().contiguous()
+    q, s_x, z_x = codes(x.numpy(), *_TOKEN_CONSTANTS)
+    acc = torch._int_mm(torch.from_numpy(q), prepared["weight"].t())  # (M, N) int32
+    return torch.from_numpy(epilogue(acc.numpy(), s_x, z_x, prepared["col_sum"].numpy(),
+                                     prepared["scale"].numpy(), _bias_or_zeros(bias, prepared)))
+
+
+def _bias_or_zeros(bias: torch.Tensor | None, prepared: dict[str, torch.Tensor]) -> np.ndarray:
+    if bias is None:
+        return np.zeros(prepared["weight"].shape[0], np.float32)
+    return bias.detach().float().contiguous().numpy()
+
+
+def w8a8_linear_torch(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`w8a8_linear` in torch ops (the compiled kernels' twin, and what runs without them)."""
     q, s_x, z_x = quantize_tokens(x2d)
     out = int_mm_float(q, prepared["weight"])  # (M, N)
     out.addr_(z_x.view(-1), prepared["col_sum"], alpha=-1)  # acc - z_x * c
@@ -166,7 +197,26 @@ def w8a8_static_linear(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
                        act_scale: "float | torch.Tensor", act_zero_point: "float | torch.Tensor",
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """Static w8a8: one activation scale / zero point (from calibration; floats or one-element
-    tensors); float32 (M, N)."""
+    tensors); float32 (M, N). Codes and epilogue as compiled loops when available (`kernels.jit`),
+    else in torch ops (`w8a8_static_linear_torch`, their twin)."""
+    check_act_params(act_scale, act_zero_point)
+    codes = jit.kernel("grid_codes", x2d.numel())
+    epilogue = jit.kernel("grid_epilogue", x2d.shape[0] * prepared["weight"].shape[0])
+    if codes is None or epilogue is None:
+        return w8a8_static_linear_torch(x2d, prepared, act_scale, act_zero_point, bias)
+    x = x2d.detach().float().contiguous()
+    scale, zero_point = np.float32(float(act_scale)), np.float32(float(act_zero_point))  # as the twin
+    q = codes(x.numpy(), scale, zero_point, _TOKEN_CONSTANTS[0])
+    acc = torch._int_mm(torch.from_numpy(q), prepared["weight"].t())  # (M, N) int32
+    return torch.from_numpy(epilogue(acc.numpy(), scale, zero_point, prepared["col_sum"].numpy(),
+                                     prepared["scale"].numpy(), _bias_or_zeros(bias, prepared)))
+
+
+def w8a8_static_linear_torch(x2d: torch.Tensor, prepared: dict[str, torch.Tensor],
+                             act_scale: "float | torch.Tensor",
+                             act_zero_point: "float | torch.Tensor",
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`w8a8_static_linear` in torch ops."""
     check_act_params(act_scale, act_zero_point)
     q = quantize_static(x2d, act_scale, act_zero_point)
     mul, add = static_epilogue(prepared, act_scale, act_zero_point, bias)

@@ -1,0 +1,229 @@
+"""Compiled loops for the CPU (numba), where a chain of small torch ops costs more than the work.
+
+Some kernels are a handful of passes over a few kilobytes: quantizing 13 tokens of 384 features,
+the zero-point epilogue of an int8 product, probing a hash index for 100 keys. Each torch or numpy
+op costs 2-5 us of dispatch however small its tensor, so such a kernel spends most of its time
+between ops. numba compiles a plain Python loop over numpy arrays to machine code for this CPU
+(LLVM, ``-march`` of the host): one call, one pass, no temporaries.
+
+Rules (docs/design.md, "Kernels"):
+- Every compiled kernel has a plain-torch (or numpy) twin, which is also the fallback, and a parity
+  test; integer results are equal bit for bit, floats within a named budget.
+- numba is imported lazily, on the first call that needs a compiled kernel: importing lowbit does
+  not pay for it (about 1 s), and a machine without numba (or with ``LOWBIT_JIT=0``) runs the twins.
+- Compiled code is cached on disk (``cache=True``) under ``<lowbit cache dir>/numba`` unless
+  ``NUMBA_CACHE_DIR`` is already set, so a process pays the compile (0.1-0.6 s a kernel) once per
+  machine, not once per run. The cache is keyed by numba on the source file and the CPU.
+- Kernels run on the calling thread (no ``parallel=True``): torch's intra-op threads keep the cores,
+  and a kernel is at most a few passes over its data.
+
+`kernel(name)` returns the compiled function of this module's ``_define`` table, or None when
+compiled kernels are off; callers then take their twin.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from typing import Any, Callable
+
+import torch
+
+ENV = "LOWBIT_JIT"  # "0" turns compiled kernels off (the twins run)
+PARALLEL_MIN = 1 << 16  # elements from which a kernel runs on torch's thread count
+
+_lock = threading.Lock()
+_kernels: dict[str, Callable] | None = None
+_failed: str | None = None
+_parallel_ok = False
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
+
+
+def status() -> str:
+    """One line for `lowbit kernels`: whether compiled kernels run here, and why not."""
+    if not enabled():
+        return f"off ({ENV}=0)"
+    kernels = _load()
+    if kernels is None:
+        return f"off ({_failed})"
+    import numba
+    threads = "threads: OpenMP/TBB" if _parallel_ok else "calling thread only (no OpenMP/TBB layer)"
+    return f"numba {numba.__version__}, {threads}, cache {_cache_dir()}"
+
+
+def kernel(name: str, elements: int = 0) -> Callable | None:
+    """The compiled kernel ``name``, or None when compiled kernels are off here. For inputs of at
+    least `PARALLEL_MIN` ``elements`` while torch runs more than one thread, the ``_par`` variant,
+    spread over as many of numba's threads as torch uses (fewer elements: the calling thread;
+    starting the threads costs more than it saves)."""
+    if not enabled():
+        return None
+    kernels = _load()
+    if kernels is None:
+        return None
+    threads = torch.get_num_threads()
+    if elements >= PARALLEL_MIN and threads > 1 and _parallel_ok:
+        import numba
+        threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if numba.get_num_threads() != threads:  # numba's count is per calling thread
+            numba.set_num_threads(threads)
+        return kernels[name + "_par"]
+    return kernels[name]
+
+
+def _cache_dir() -> str:
+    from .select import default_cache_dir
+    return os.environ.get("NUMBA_CACHE_DIR") or str(default_cache_dir() / "numba")
+
+
+def _load() -> dict[str, Callable] | None:
+    global _kernels, _failed, _parallel_ok
+    if _kernels is not None or _failed is not None:
+        return _kernels
+    with _lock:
+        if _kernels is None and _failed is None:
+            os.environ.setdefault("NUMBA_CACHE_DIR", _cache_dir())
+            # only a thread-safe layer (TBB or OpenMP): numba's own "workqueue" aborts when two
+            # Python threads (a server's workers) launch parallel kernels at once
+            os.environ.setdefault("NUMBA_THREADING_LAYER", "threadsafe")
+            try:
+                importlib.import_module("numba")  # lazy: about 1 s
+            except ImportError as e:  # the twins run; `lowbit kernels` says why
+                _failed = f"numba is not installed: {e}"
+            else:
+                _parallel_ok = _threadsafe_layer()
+                _kernels = _define()
+    return _kernels
+
+
+def _threadsafe_layer() -> bool:
+    """Whether numba has a thread-safe threading layer here (OpenMP or TBB); without one, every
+    kernel runs on the calling thread."""
+    for module in ("numba.np.ufunc.omppool", "numba.np.ufunc.tbbpool"):
+        try:
+            importlib.import_module(module)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def _define() -> dict[str, Callable]:
+    """Compile-on-first-call dispatchers. Each kernel body is written once (``prange`` over rows,
+    a plain ``range`` when compiled serially) and wrapped twice under its own name: ``<name>`` on
+    the calling thread and ``<name>_par`` over numba's threads, so their cached code never mixes.
+    Constants come in as arguments (from `primitives`), so a cached kernel cannot go stale when
+    they change: numba keys its cache on this file alone."""
+    import numpy as np
+    from numba import njit, prange
+
+    f32, i32 = np.float32, np.int32
+    body = njit(inline="always")  # no fastmath anywhere: results must equal the twins' roundings
+    serial = njit(cache=True, nogil=True)
+    parallel = njit(cache=True, nogil=True, parallel=True)
+
+    @body
+    def token_codes_body(x, qmax, rel, tiny):
+        m_rows, k_cols = x.shape
+        bits = x.view(i32)
+        low31 = i32(0x7FFFFFFF)
+        q = np.empty((m_rows, k_cols), np.uint8)
+        scale = np.empty(m_rows, f32)
+        zero_point = np.empty(m_rows, f32)
+        for m in prange(m_rows):
+            lo_i, hi_i = i32(0x7FFFFFFF), i32(-0x80000000)
+            for k in range(k_cols):
+                b = bits[m, k]
+                v = b ^ ((b >> i32(31)) & low31)
+                lo_i = min(lo_i, v)
+                hi_i = max(hi_i, v)
+            ends = np.empty(2, i32)
+            ends[0] = lo_i ^ ((lo_i >> i32(31)) & low31)
+            ends[1] = hi_i ^ ((hi_i >> i32(31)) & low31)
+            ends_f = ends.view(f32)
+            neg_lo, h = -ends_f[0], ends_f[1]
+            floor = max(max(h, neg_lo) * rel, tiny)
+            s = max((h + neg_lo) / qmax, floor)
+            z = neg_lo / s
+            for k in range(k_cols):
+                q[m, k] = np.uint8(np.int32(np.rint(x[m, k] / s + z)))
+            scale[m] = s
+            zero_point[m] = z
+        return q, scale, zero_point
+
+    @body
+    def zp_epilogue_body(acc, s_x, z_x, col_sum, s_w, bias):
+        out = acc.view(f32)
+        for m in prange(acc.shape[0]):
+            a = s_x[m]
+            z = z_x[m]
+            for n in range(acc.shape[1]):
+                out[m, n] = (f32(acc[m, n]) - z * col_sum[n]) * a * s_w[n] + bias[n]
+        return out
+
+    @body
+    def grid_codes_body(x, scale, zero_point, qmax):
+        q = np.empty(x.shape, np.uint8)
+        for m in prange(x.shape[0]):
+            for k in range(x.shape[1]):
+                t = x[m, k] / scale + zero_point
+                q[m, k] = np.uint8(np.int32(np.rint(min(max(t, f32(0.0)), qmax))))
+        return q
+
+    @body
+    def grid_epilogue_body(acc, scale, zero_point, col_sum, s_w, bias):
+        n_cols = acc.shape[1]
+        mul = np.empty(n_cols, f32)
+        add = np.empty(n_cols, f32)
+        for n in range(n_cols):
+            mul[n] = s_w[n] * scale
+            add[n] = mul[n] * -zero_point * col_sum[n] + bias[n]
+        out = acc.view(f32)
+        for m in prange(acc.shape[0]):
+            for n in range(n_cols):
+                out[m, n] = f32(acc[m, n]) * mul[n] + add[n]
+        return out
+
+    # one wrapper per (kernel, threading): distinct names, distinct cache entries
+    @serial
+    def token_codes(x, qmax, rel, tiny):
+        return token_codes_body(x, qmax, rel, tiny)
+
+    @parallel
+    def token_codes_par(x, qmax, rel, tiny):
+        return token_codes_body(x, qmax, rel, tiny)
+
+    @serial
+    def zp_epilogue(acc, s_x, z_x, col_sum, s_w, bias):
+        return zp_epilogue_body(acc, s_x, z_x, col_sum, s_w, bias)
+
+    @parallel
+    def zp_epilogue_par(acc, s_x, z_x, col_sum, s_w, bias):
+        return zp_epilogue_body(acc, s_x, z_x, col_sum, s_w, bias)
+
+    @serial
+    def grid_codes(x, scale, zero_point, qmax):
+        return grid_codes_body(x, scale, zero_point, qmax)
+
+    @parallel
+    def grid_codes_par(x, scale, zero_point, qmax):
+        return grid_codes_body(x, scale, zero_point, qmax)
+
+    @serial
+    def grid_epilogue(acc, scale, zero_point, col_sum, s_w, bias):
+        return grid_epilogue_body(acc, scale, zero_point, col_sum, s_w, bias)
+
+    @parallel
+    def grid_epilogue_par(acc, scale, zero_point, col_sum, s_w, bias):
+        return grid_epilogue_body(acc, scale, zero_point, col_sum, s_w, bias)
+
+    return {f.__name__: f for f in (token_codes, token_codes_par, zp_epilogue, zp_epilogue_par,
+                                    grid_codes, grid_codes_par, grid_epilogue, grid_epilogue_par)}
+
+
+def warm() -> dict[str, Any]:
+    """Load (or compile) every kernel now; returns {"status": ...} (for `lowbit kernels`)."""
+    return {"status": status()}
