@@ -33,7 +33,8 @@ ENV = "LOWBIT_JIT"  # "0" turns compiled kernels off (the twins run)
 PARALLEL_MIN = 1 << 16  # elements from which a kernel runs on torch's thread count
 
 _lock = threading.Lock()
-_kernels: dict[str, Callable] | None = None
+_loaded = False
+_tables: dict[Callable, dict[str, Callable]] = {}  # define function -> its compiled kernels
 _failed: str | None = None
 _parallel_ok = False
 
@@ -46,32 +47,36 @@ def status() -> str:
     """One line for `lowbit kernels`: whether compiled kernels run here, and why not."""
     if not enabled():
         return f"off ({ENV}=0)"
-    kernels = _load()
-    if kernels is None:
+    if _load() is None:
         return f"off ({_failed})"
     import numba
     threads = "threads: OpenMP/TBB" if _parallel_ok else "calling thread only (no OpenMP/TBB layer)"
     return f"numba {numba.__version__}, {threads}, cache {_cache_dir()}"
 
 
-def kernel(name: str, elements: int = 0) -> Callable | None:
-    """The compiled kernel ``name``, or None when compiled kernels are off here. For inputs of at
-    least `PARALLEL_MIN` ``elements`` while torch runs more than one thread, the ``_par`` variant,
-    spread over as many of numba's threads as torch uses (fewer elements: the calling thread;
-    starting the threads costs more than it saves)."""
-    if not enabled():
+def kernel(name: str, elements: int = 0, define: Callable[[], dict] | None = None
+           ) -> Callable | None:
+    """The compiled kernel ``name`` of the table that ``define`` returns (this module's int8
+    activation kernels by default; another module passes its own ``define``, a function that
+    imports numba inside and returns ``{name: dispatcher}``, built once per process), or None
+    when compiled kernels are off here. For inputs of at least `PARALLEL_MIN` ``elements`` while
+    torch runs more than one thread, the ``<name>_par`` variant if the table has one, spread over
+    as many of numba's threads as torch uses (fewer elements: the calling thread; starting the
+    threads costs more than it saves)."""
+    if not enabled() or _load() is None:
         return None
-    kernels = _load()
-    if kernels is None:
-        return None
+    table = _tables.get(define or _define)
+    if table is None:
+        with _lock:
+            table = _tables.setdefault(define or _define, (define or _define)())
     threads = torch.get_num_threads()
-    if elements >= PARALLEL_MIN and threads > 1 and _parallel_ok:
+    if elements >= PARALLEL_MIN and threads > 1 and _parallel_ok and name + "_par" in table:
         import numba
         threads = min(threads, numba.config.NUMBA_NUM_THREADS)
         if numba.get_num_threads() != threads:  # numba's count is per calling thread
             numba.set_num_threads(threads)
-        return kernels[name + "_par"]
-    return kernels[name]
+        return table[name + "_par"]
+    return table[name]
 
 
 def _cache_dir() -> str:
@@ -79,12 +84,13 @@ def _cache_dir() -> str:
     return os.environ.get("NUMBA_CACHE_DIR") or str(default_cache_dir() / "numba")
 
 
-def _load() -> dict[str, Callable] | None:
-    global _kernels, _failed, _parallel_ok
-    if _kernels is not None or _failed is not None:
-        return _kernels
+def _load() -> bool | None:
+    """Import numba once (True), or None when it is not installed."""
+    global _loaded, _failed, _parallel_ok
+    if _loaded or _failed is not None:
+        return _loaded or None
     with _lock:
-        if _kernels is None and _failed is None:
+        if not _loaded and _failed is None:
             os.environ.setdefault("NUMBA_CACHE_DIR", _cache_dir())
             # only a thread-safe layer (TBB or OpenMP): numba's own "workqueue" aborts when two
             # Python threads (a server's workers) launch parallel kernels at once
@@ -95,8 +101,8 @@ def _load() -> dict[str, Callable] | None:
                 _failed = f"numba is not installed: {e}"
             else:
                 _parallel_ok = _threadsafe_layer()
-                _kernels = _define()
-    return _kernels
+                _loaded = True
+    return _loaded or None
 
 
 def _threadsafe_layer() -> bool:
