@@ -14,10 +14,15 @@ Rules (docs/design.md, "Kernels"):
 - Compiled code is cached on disk (``cache=True``) under ``<lowbit cache dir>/numba`` unless
   ``NUMBA_CACHE_DIR`` is already set, so a process pays the compile (0.1-0.6 s a kernel) once per
   machine, not once per run. The cache is keyed by numba on the source file and the CPU.
-- Kernels run on the calling thread (no ``parallel=True``): torch's intra-op threads keep the cores,
-  and a kernel is at most a few passes over its data.
+- Constants come in as arguments (from `primitives`), never as closure values, since numba keys its
+  cache on the kernel's own source file only.
+- Small inputs run on the calling thread. From `PARALLEL_MIN` elements, while torch runs several
+  threads, a kernel's ``_par`` variant (the same body, ``prange`` over rows) runs on as many of
+  numba's threads, through a thread-safe layer only (OpenMP or TBB; ``NUMBA_THREADING_LAYER=
+  threadsafe``), so server threads may call kernels at once.
 
-`kernel(name)` returns the compiled function of this module's ``_define`` table, or None when
+`kernel(name, elements, define)` returns the compiled function from a table of kernels (this
+module's `_define` by default; tables, PQ and others bring their own ``define``), or None when
 compiled kernels are off; callers then take their twin.
 """
 from __future__ import annotations
