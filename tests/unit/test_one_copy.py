@@ -188,3 +188,35 @@ def test_casts_meta_skeletons_and_partial_loads_keep_one_copy(scheme):
     skeleton.to_empty(device="cpu").load_state_dict(state)
     assert skeleton.layout == kept and torch.equal(skeleton(x), want)
     assert torch.equal(skeleton.state_dict()["qdata"], qw.qdata)
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+def test_static_conv_keeps_only_the_packed_weight(tmp_path):
+    """QConv2dA8: the oneDNN-packed int8 weight is the one copy (the buffer an empty placeholder),
+    the file gets the exact file-layout codes back from it, and a loaded model holds its file's
+    bytes once (before: the codes buffer beside the packed weight)."""
+    from lowbit.nn import QConv2dA8
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(4, 16, 8, 8, generator=g) for _ in range(2)]
+    net = conv_net()
+    q = lowbit.quantize(net, "w8a8-static", targets=["Conv2d"], data=data, verbose=False)
+    convs = [m for m in q.modules() if isinstance(m, QConv2dA8)]
+    assert len(convs) == 2 and all(m.layout == "onednn" and m.qdata.numel() == 0 for m in convs)
+    want = quantize_weight(conv_net()[2].weight.detach().reshape(64, -1), parse_scheme("w8")).qdata
+    assert torch.equal(q[2].qweight.qdata, want)  # the file layout, derived from the packed weight
+    assert q[2].weight_nbytes == want.numel() + 64 * 2  # codes + fp16 scales, as in the file
+    path = lowbit.save(q, tmp_path / "conv")
+    _, tensors = read_file(path)
+    assert torch.equal(tensors["2.qdata"], want)
+    x = data[0]
+    loaded = lowbit.load(path, conv_net())
+    assert torch.equal(loaded(x), q(x))
+    for model in (q, loaded):
+        conv_bytes = sum(model_tensor_bytes(m) for m in model.modules() if isinstance(m, QConv2dA8))
+        file_conv = sum(t.numel() * t.element_size() for k, t in tensors.items() if k[0] in "02")
+        assert conv_bytes <= MEMORY_RATIO * file_conv, (conv_bytes, file_conv)

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import QuantizationError
 from ..kernels import cpu
-from ..kernels.int8_conv import conv_available, prepare_w8a8_conv, w8a8_static_conv2d
+from ..kernels.int8_conv import (codes_from_prepared_conv, conv_available, prepare_w8a8_conv,
+                                 w8a8_static_conv2d)
 from ..kernels.int8_dynamic import prepare_w8a8, w8a8_linear, w8a8_static_linear
 from ..primitives import QuantizedWeight
 from ..spec import ActSpec, QuantSpec
@@ -198,13 +199,37 @@ class QConv2dA8(_A8Mixin, QuantizedModule):
         return cls(qw, conv, method, sqnr_db, input_spec, input_params)
 
     def _derive(self) -> None:
+        """One copy of the codes: the oneDNN-packed int8 weight (an opaque tensor, no storage a
+        buffer could share) is built from the file-layout codes, which are then dropped: the
+        ``qdata`` buffer becomes an empty placeholder (layout ``"onednn"``) and the file layout
+        is derived from the packed weight when saved (`codes_from_prepared_conv`: exact). A
+        rebuild after a cast or move keeps the packed form as it is (CPU only)."""
+        if self.layout == "onednn":
+            if getattr(self, "_prepared", None) is None:
+                raise QuantizationError("QConv2dA8: the packed weight is gone (moved to the meta "
+                                        "device?); load the layer again")
+            return
         p = self.input_params
         self._prepared = prepare_w8a8_conv(self.qdata, self.scale, self.weight_shape, p["scale"],
                                            int(p["zero_point"]), self.stride, self.padding,
                                            self.dilation, self.groups)
+        self._keep_codes(torch.empty(0, dtype=torch.uint8, device=self.qdata.device), "onednn")
 
     def _derive_none(self) -> None:
         self._prepared = None
+
+    def file_qdata(self) -> torch.Tensor:
+        if self.layout == "onednn":
+            return codes_from_prepared_conv(self._prepared)
+        return super().file_qdata()
+
+    def _params_qweight(self) -> QuantizedWeight:
+        """Meta and byte count from a meta tensor of the file layout's shape (the buffer is a
+        placeholder while the packed weight holds the codes)."""
+        if self.layout != "onednn":
+            return super()._params_qweight()
+        qdata = torch.empty(self._file_qdata_shape(), dtype=torch.uint8, device="meta")
+        return QuantizedWeight(qdata, self.scale, self.zero_point, self.spec, self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8_static_conv2d(x.float(), self._prepared, self._float_bias()).to(x.dtype)
