@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", code, scheme, work], capture_output=True,
                                  text=True, env=env, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            Path(work, "cache").exists() and [p.unlink() for p in Path(work, "cache").iterdir()]
+            shutil.rmtree(Path(work, "cache"), ignore_errors=True)  # kernel choices and compiled code
     fp = rows[0]
     print(f"{'scheme':<13}{'quant s':>8}{'RSS MB':>8}{'load MB':>8}{'tens MB':>8}{'file MB':>8}"
           f"{'x file':>7}{'b64 ms':>9}{'x fp32':>7}{'min x':>7}"
