@@ -103,6 +103,13 @@ def test_parallel_only_for_large_inputs_on_several_threads(monkeypatch):
     assert jit.kernel("token_codes", 1 << 30) is kernels()["token_codes"]
 
 
+def test_a_forked_child_runs_kernels_on_the_calling_thread(monkeypatch):
+    kernels()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(jit, "_parallel_pid", -1)  # as if the threads were started by a parent
+    assert jit.kernel("token_codes", jit.PARALLEL_MIN) is kernels()["token_codes"]
+
+
 def test_lowbit_jit_0_runs_the_twins(monkeypatch):
     x, qw, bias = layer(5, 64, 8)
     prepared = k8.prepare_w8a8(qw.qdata, qw.scale)

@@ -42,6 +42,7 @@ _loaded = False
 _tables: dict[Callable, dict[str, Callable]] = {}  # define function -> its compiled kernels
 _failed: str | None = None
 _parallel_ok = False
+_parallel_pid: int | None = None  # the process that started numba's threads (see kernel())
 
 
 def enabled() -> bool:
@@ -75,13 +76,24 @@ def kernel(name: str, elements: int = 0, define: Callable[[], dict] | None = Non
         with _lock:
             table = _tables.setdefault(define or _define, (define or _define)())
     threads = torch.get_num_threads()
-    if elements >= PARALLEL_MIN and threads > 1 and _parallel_ok and name + "_par" in table:
+    if (elements >= PARALLEL_MIN and threads > 1 and _parallel_ok and name + "_par" in table
+            and _not_a_forked_child()):
         import numba
         threads = min(threads, numba.config.NUMBA_NUM_THREADS)
         if numba.get_num_threads() != threads:  # numba's count is per calling thread
             numba.set_num_threads(threads)
         return table[name + "_par"]
     return table[name]
+
+
+def _not_a_forked_child() -> bool:
+    """False in a process forked from one that had started numba's threads: GNU OpenMP's pool is
+    not fork-safe (a child that enters a parallel region can hang), so there kernels stay on the
+    calling thread. The first process to run a parallel kernel records its pid."""
+    global _parallel_pid
+    if _parallel_pid is None:
+        _parallel_pid = os.getpid()
+    return _parallel_pid == os.getpid()
 
 
 def _cache_dir() -> str:
