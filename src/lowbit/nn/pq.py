@@ -10,9 +10,9 @@ derived index tensors and the optional cached float weight are rebuilt in one pl
 ``load_state_dict``, ``.to()`` and optimizer steps on the centroids can never leave them stale.
 
 Runtime memory beyond the file's bytes: an index per block for the forms a layer takes (int32
-for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``; the others' are
-dropped once the selector has chosen), a float32 and a bf16 copy of the centroids
-(k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
+for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``, uint8 for ``jit``
+(int32 above 256 centroids); the others' are dropped once the selector has chosen), float32,
+transposed float32 and bf16 copies of the centroids (k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
 kept otherwise.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels import pq
+from ..kernels import pq, pq_jit
 from ..kernels.select import row_bucket, shape_class
 from ..primitives.codebook import CodebookError, CodebookWeight, unpack_assignments
 from ..spec import ActSpec
@@ -175,12 +175,13 @@ class PQLinear(PQModule):
     # derived tensor -> what it derives from ("c": centroids, "a": assignments) and its builder
     _DERIVED = {"weight": ("ca", pq.reconstruct), "lut": ("a", pq.lut_index),
                 "bags": ("a", pq.lut_bags), "flat": ("a", pq.flat_assign),
-                "lutg": ("a", pq.lutg_index),
+                "lutg": ("a", pq.lutg_index), "codes_t": ("a", pq_jit.jit_codes),
+                "cent_t": ("c", pq_jit.jit_centroids),
                 "cent32": ("c", lambda cw: cw.centroids.float()),
                 "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16))}
     _FORM_STATE = {"cached": ("weight",), "gather": ("flat", "cent32"), "tiled": ("flat", "cent32"),
                    "lut": ("lut", "bags", "cent32"), "lutg": ("lutg", "cent32"),
-                   "bf16": ("flat", "cent16"), "ref": ()}
+                   "bf16": ("flat", "cent16"), "jit": ("codes_t", "cent_t"), "ref": ()}
 
     def _derived(self, key: str) -> torch.Tensor:
         """A form's derived tensor, rebuilt whenever a tensor it derives from changed. A tensor's
@@ -203,10 +204,10 @@ class PQLinear(PQModule):
         return shape_class("pq", bits, self.block_size, self.out_features, self.in_features)
 
     def candidates(self) -> dict:
-        """`kernels.pq.SELECTABLE` as callables of a row count (what the selector times)."""
+        """`kernels.pq.selectable()` as callables of a row count (what the selector times)."""
         x = timing_input(self.in_features)
         return {pq.SELECTOR_PREFIX + f: (lambda m, f=f: self._run(f, x(m), None))
-                for f in pq.SELECTABLE}
+                for f in pq.selectable()}
 
     def _reference(self):
         """The float layer (a reconstructed weight that lives only while the selector times)."""
@@ -250,6 +251,8 @@ class PQLinear(PQModule):
             return pq.lutg_linear(x2d, d("cent32"), d("lutg"), bias)
         if form == "bf16":
             return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias)
+        if form == "jit":
+            return pq_jit.jit_linear(x2d, d("cent_t"), d("codes_t"), bias)
         return pq.ref_linear(x2d, self.codebook, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

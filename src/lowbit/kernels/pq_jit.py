@@ -1,0 +1,135 @@
+"""The ``jit`` form of a product-quantized Linear: a lookup table built and summed in one compiled
+loop (`kernels.jit`, numba), and its plain-torch twin.
+
+Asymmetric distance computation (Jegou et al., "Product Quantization for Nearest Neighbor
+Search", TPAMI 2011), as in the ``lut`` / ``lutg`` forms of `kernels.pq`, fused: per input block
+``b`` and row ``m`` the table of dot products with every centroid, ``T[c] = x[m, b] . centroid[c]``
+(k floats, 1 KB at k = 256: it stays in L1), is built and at once added into every output,
+``y[m, n] += T[code[b, n]]``, before the next block. No (M, n_blocks, k) table is ever written,
+no index is widened to int64, and the layer costs one call instead of two or three torch ops, so
+at few rows (a 384x384 layer's GEMV is 14-25 us) the per-op cost no longer dominates.
+
+State (derived from the codebook, `jit_centroids` and `jit_codes`): ``cent_t`` float32
+(block_size, k), the centroids transposed so that building T runs along k; ``codes_t`` (n_blocks,
+out), the assignments transposed so that one block's codes for all outputs are contiguous:
+uint8 for k <= 256 (1 byte per block, the stored assignments' size), int32 above.
+
+Sums: T[c] over j = 0..block_size-1 in order; y[m, n] over blocks b = 0..n_blocks-1 in order,
+then the bias. The twin (`jit_linear_torch`) builds T by one GEMM and sums by gather + sum, in
+another order: parity within a float budget (tests/parity/test_pq_jit.py). No fastmath.
+
+Threads: from `jit.PARALLEL_MIN` lookups (M * out * n_blocks) while torch runs several threads,
+``pq_lut_par`` splits the outputs into one span per thread; each span builds its own T (the
+build is in * k multiply-adds a row, the lookups out * n_blocks: small beside them on the shapes
+that reach the threshold).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import jit
+from ..primitives.codebook import CodebookWeight
+
+KERNEL = "pq_lut"
+
+
+def jit_centroids(cw: CodebookWeight) -> torch.Tensor:
+    """float32 (block_size, k): the centroids transposed (the ``jit`` form's state)."""
+    return cw.centroids.float().t().contiguous()
+
+
+def jit_codes(cw: CodebookWeight) -> torch.Tensor:
+    """(n_blocks, out) centroid indices, transposed: uint8 for k <= 256, else int32."""
+    dtype = torch.uint8 if cw.k <= 256 else torch.int32
+    return cw.indices().t().to(dtype).contiguous()
+
+
+def available() -> bool:
+    """Whether the compiled kernel runs here (numba installed and ``LOWBIT_JIT`` not 0)."""
+    return jit.kernel(KERNEL, 0, define=_define_pq) is not None
+
+
+def jit_linear(x2d: torch.Tensor, cent_t: torch.Tensor, codes_t: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 (M, out) = x @ W^T + bias with W = centroids[codes]: the compiled kernel, or
+    `jit_linear_torch` (its twin) where compiled kernels are off. ``cent_t`` (block_size, k)
+    from `jit_centroids`, ``codes_t`` (n_blocks, out) from `jit_codes`. Inference only."""
+    nb, out = codes_t.shape
+    run = jit.kernel(KERNEL, x2d.shape[0] * out * nb, define=_define_pq)
+    if run is None:
+        return jit_linear_torch(x2d, cent_t, codes_t, bias)
+    x = x2d.detach().float().contiguous()
+    b = np.zeros(out, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
+    y = run(x.numpy(), cent_t.numpy(), codes_t.numpy(), b, torch.get_num_threads())
+    return torch.from_numpy(y)
+
+
+def jit_linear_torch(x2d: torch.Tensor, cent_t: torch.Tensor, codes_t: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """The twin, in torch ops on the same state: the table by one GEMM, gather, sum over blocks."""
+    x = x2d.float()
+    m = x.shape[0]
+    bs, k = cent_t.shape
+    nb, out = codes_t.shape
+    t = torch.mm(x.reshape(-1, bs), cent_t).view(m, nb, k)  # (M, n_blocks, k)
+    y = torch.gather(t, 2, codes_t.long().expand(m, nb, out)).sum(1)  # (M, out)
+    return y if bias is None else y.add_(bias)
+
+
+def _define_pq() -> dict[str, Callable]:
+    """``pq_lut`` (calling thread) and ``pq_lut_par`` (outputs split over numba's threads), both
+    ``(x (M, in) f32, cent_t (bs, k) f32, codes_t (n_blocks, out) u8/i32, bias (out,) f32,
+    tasks int) -> y (M, out) f32``; ``tasks`` (torch's thread count) only shapes the parallel
+    split. Compiled on first call, cached on disk (keyed on this file's source)."""
+    import numpy as np
+    from numba import njit, prange
+
+    f32 = np.float32
+    body = njit(inline="always")  # no fastmath: sums in the documented order
+    serial = njit(cache=True, nogil=True)
+    parallel = njit(cache=True, nogil=True, parallel=True)
+
+    @body
+    def lut_span(x, cent_t, codes_t, y, n_lo, n_hi):
+        """y[:, n_lo:n_hi] += sum over blocks of T[codes]; one k-float table live at a time."""
+        bs, k = cent_t.shape
+        row = np.empty(k, f32)
+        for b in range(codes_t.shape[0]):
+            base = b * bs
+            for m in range(x.shape[0]):
+                xv = x[m, base]
+                for c in range(k):
+                    row[c] = xv * cent_t[0, c]
+                for j in range(1, bs):
+                    xv = x[m, base + j]
+                    for c in range(k):
+                        row[c] += xv * cent_t[j, c]
+                for n in range(n_lo, n_hi):
+                    y[m, n] += row[codes_t[b, n]]
+
+    @body
+    def add_bias(y, bias):
+        for m in range(y.shape[0]):
+            for n in range(y.shape[1]):
+                y[m, n] += bias[n]
+        return y
+
+    @serial
+    def pq_lut(x, cent_t, codes_t, bias, tasks):
+        y = np.zeros((x.shape[0], codes_t.shape[1]), f32)
+        lut_span(x, cent_t, codes_t, y, 0, codes_t.shape[1])
+        return add_bias(y, bias)
+
+    @parallel
+    def pq_lut_par(x, cent_t, codes_t, bias, tasks):
+        n_out = codes_t.shape[1]
+        y = np.zeros((x.shape[0], n_out), f32)
+        span = (n_out + tasks - 1) // tasks
+        for t in prange(tasks):
+            lut_span(x, cent_t, codes_t, y, t * span, min(n_out, (t + 1) * span))
+        return add_bias(y, bias)
+
+    return {"pq_lut": pq_lut, "pq_lut_par": pq_lut_par}
