@@ -7,7 +7,8 @@ Weights are random (k-means is not run: the forms' speed depends only on shapes,
 ``PQLinear`` is the layer as it runs: the form the kernel selector measured fastest here for that
 shape class and row bucket (a fresh cache in a temporary folder; its choice is printed as
 ``auto``, its own timing as ``PQLinear``). ``cached`` keeps the decoded fp32 weight (no memory
-saved); every other form keeps none.
+saved); every other form keeps none. ``jit`` is the compiled lookup table (`kernels.pq_jit`;
+its torch twin where numba is missing or ``LOWBIT_JIT=0``: the header says which).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import tempfile
 import torch
 
 from lowbit.eval.timing import interleaved
-from lowbit.kernels import pq
+from lowbit.kernels import pq, pq_jit
 from lowbit.kernels.select import KernelSelector
 from lowbit.nn.pq import PQLinear
 from lowbit.primitives.codebook import CodebookWeight, pack_assignments
@@ -43,7 +44,7 @@ def random_codebook(out: int, inp: int, gen: torch.Generator) -> CodebookWeight:
     return CodebookWeight(cent, pack_assignments(a, K), (out, inp), BLOCK)
 
 
-FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "PQLinear")
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "jit", "PQLinear")
 
 
 def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
@@ -56,6 +57,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
     cent, c16 = cw.centroids.float(), cw.centroids.to(torch.bfloat16)
     w, gidx, fa = pq.reconstruct(cw), pq.gather_index(cw), pq.flat_assign(cw)
     lidx, bags, gidx_t = pq.lut_index(cw), pq.lut_bags(cw), pq.lutg_index(cw)
+    cent_t, codes_t = pq_jit.jit_centroids(cw), pq_jit.jit_codes(cw)  # jit: compiled if numba is here
     layer = PQLinear(cw, bias)  # no cache: the selector's measured form per row bucket
     layer.selector = KernelSelector(cache_dir)
     for m in ROWS:
@@ -69,6 +71,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
                "lut": lambda: pq.lut_linear(x, cent, lidx, bags, bias),
                "lutg": lambda: pq.lutg_linear(x, cent, gidx_t, bias),
                "bf16": lambda: pq.bf16_linear(x, c16, fa, out, bias),
+               "jit": lambda: pq_jit.jit_linear(x, cent_t, codes_t, bias),
                "PQLinear": lambda: layer(x)}
         with torch.inference_mode():
             t = interleaved(fns, rounds=rounds, warmup=2, budget_s=6.0)
@@ -87,7 +90,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"k={K}, block {BLOCK}; ratios to fp32 nn.Linear (median ratio, min ratio)")
+          f"k={K}, block {BLOCK}; ratios to fp32 nn.Linear (median ratio, min ratio); "
+          f"jit: {'compiled' if pq_jit.available() else 'torch twin'}")
     print(f"  {'out x in':<11}{'M':>4}{'fp32 med':>9}{'min ms':>8}" +
           "".join(f"{n:>16}" for n in FORMS) + "   fastest* auto")
     with tempfile.TemporaryDirectory(prefix="lowbit-pq-bench-") as cache_dir:

@@ -25,6 +25,9 @@ Forms (y = x @ W^T + b, W (out, in) made of n_blocks = in / block_size sub-vecto
               centroid values: the size of the stored centroids) into a bf16 tile, bf16 GEMM,
               fp32 output (a CPU with AVX512_BF16 runs a bf16 GEMM in 0.4-0.5x of fp32's time).
               The decoded weight lives for one call (one tile on large weights), never longer.
+  ``jit``     the lookup table built and summed in one compiled loop (`kernels.pq_jit`, numba):
+              per block a k-float table, added into every output before the next block; one
+              call a forward. Offered only where compiled kernels run (`pq_jit.available`).
   ``ref``     the reference: `CodebookWeight.dequantize` then `F.linear` (``ref_bf16_linear``:
               the same weight rounded to bf16, bf16 GEMM, the ``bf16`` form's twin).
 Which of `SELECTABLE` serves a layer at M rows is measured on the host by `kernels.select`
@@ -37,16 +40,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import pq_jit
 from ..primitives.codebook import CodebookWeight
 
-FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "ref")
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "jit", "ref")
 # forms the host-measured selector may pick (no float weight kept between calls), and the prefix
-# of their selector names (``pq-lut``: no clash with `kernels.cpu`'s path names)
-SELECTABLE = ("tiled", "gather", "lut", "lutg", "bf16")
+# of their selector names (``pq-lut``: no clash with `kernels.cpu`'s path names); ``jit`` only
+# where compiled kernels run (`selectable`)
+SELECTABLE = ("tiled", "gather", "lut", "lutg", "bf16", "jit")
 SELECTOR_PREFIX = "pq-"
 # bytes of one tile of the tiled form's weight buffer: 512 rows of a 4096-input weight (tiles of
 # 32..512 rows measured on 4096x4096 at M = 64: 1.11, 1.17, 1.03, 0.97, 0.91 of fp32's time)
 TILE_BYTES = 8 << 20
+
+
+def selectable() -> tuple[str, ...]:
+    """The `SELECTABLE` forms that run here (``jit`` needs numba and ``LOWBIT_JIT`` not 0)."""
+    return SELECTABLE if pq_jit.available() else tuple(f for f in SELECTABLE if f != "jit")
 
 
 def reconstruct(cw: CodebookWeight) -> torch.Tensor:

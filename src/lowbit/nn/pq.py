@@ -10,9 +10,9 @@ derived index tensors and the optional cached float weight are rebuilt in one pl
 ``load_state_dict``, ``.to()`` and optimizer steps on the centroids can never leave them stale.
 
 Runtime memory beyond the file's bytes: an index per block for the forms a layer takes (int32
-for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``; the others' are
-dropped once the selector has chosen), a float32 and a bf16 copy of the centroids
-(k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
+for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``, uint8 for ``jit``
+(int32 above 256 centroids); the others' are dropped once the selector has chosen), float32,
+transposed float32 and bf16 copies of the centroids (k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
 kept otherwise.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels import pq
+from ..kernels import pq, pq_jit
 from ..kernels.select import row_bucket, shape_class
 from ..primitives.codebook import CodebookError, CodebookWeight, unpack_assignments
 from ..spec import ActSpec
@@ -92,6 +92,7 @@ class PQModule(QuantizedModule):
         """Drop derived state; it is rebuilt lazily (and keyed on the tensors it derives from)."""
         if hasattr(self, "_derived_state"):
             self._derived_state.clear()
+        self.__dict__.pop("_jit_np", None)  # `PQLinear._jit_arrays`: views of dropped tensors
 
     def layer_meta(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "kind": CodebookWeight.KIND,
@@ -175,12 +176,13 @@ class PQLinear(PQModule):
     # derived tensor -> what it derives from ("c": centroids, "a": assignments) and its builder
     _DERIVED = {"weight": ("ca", pq.reconstruct), "lut": ("a", pq.lut_index),
                 "bags": ("a", pq.lut_bags), "flat": ("a", pq.flat_assign),
-                "lutg": ("a", pq.lutg_index),
+                "lutg": ("a", pq.lutg_index), "codes_t": ("a", pq_jit.jit_codes),
+                "cent_t": ("c", pq_jit.jit_centroids),
                 "cent32": ("c", lambda cw: cw.centroids.float()),
                 "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16))}
     _FORM_STATE = {"cached": ("weight",), "gather": ("flat", "cent32"), "tiled": ("flat", "cent32"),
                    "lut": ("lut", "bags", "cent32"), "lutg": ("lutg", "cent32"),
-                   "bf16": ("flat", "cent16"), "ref": ()}
+                   "bf16": ("flat", "cent16"), "jit": ("codes_t", "cent_t"), "ref": ()}
 
     def _derived(self, key: str) -> torch.Tensor:
         """A form's derived tensor, rebuilt whenever a tensor it derives from changed. A tensor's
@@ -203,10 +205,10 @@ class PQLinear(PQModule):
         return shape_class("pq", bits, self.block_size, self.out_features, self.in_features)
 
     def candidates(self) -> dict:
-        """`kernels.pq.SELECTABLE` as callables of a row count (what the selector times)."""
+        """`kernels.pq.selectable()` as callables of a row count (what the selector times)."""
         x = timing_input(self.in_features)
         return {pq.SELECTOR_PREFIX + f: (lambda m, f=f: self._run(f, x(m), None))
-                for f in pq.SELECTABLE}
+                for f in pq.selectable()}
 
     def _reference(self):
         """The float layer (a reconstructed weight that lives only while the selector times)."""
@@ -224,17 +226,19 @@ class PQLinear(PQModule):
             keep = {k for f in self._paths.values() for k in self._FORM_STATE[f]}
             for k in set(self._derived_state) - keep:  # the losers' index tensors
                 del self._derived_state[k]
+            if "codes_t" not in keep:
+                self.__dict__.pop("_jit_np", None)
         return form
 
     def form_for(self, rows: int) -> str:
-        if self.centroids.requires_grad and torch.is_grad_enabled():
+        if self._parameters["centroids"].requires_grad and torch.is_grad_enabled():
             return "gather"
         if self.force_form or self.cache:
             return self.force_form or "cached"
         return self._select(rows) if rows else "gather"
 
     def _run(self, form: str, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.centroids.requires_grad and torch.is_grad_enabled():  # finetuning: gather only
+        if self._parameters["centroids"].requires_grad and torch.is_grad_enabled():  # finetuning
             return pq.gather_linear(x2d, self.centroids.float(),
                                     self._derived("flat").view(self.out_features, -1), bias)
         d = self._derived
@@ -250,13 +254,34 @@ class PQLinear(PQModule):
             return pq.lutg_linear(x2d, d("cent32"), d("lutg"), bias)
         if form == "bf16":
             return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias)
+        if form == "jit":
+            c, a = d("cent_t"), d("codes_t")
+            return pq_jit.jit_linear(x2d, c, a, bias, self._jit_arrays(c, a, bias))
         return pq.ref_linear(x2d, self.codebook, bias)
 
+    def _jit_arrays(self, cent_t: torch.Tensor, codes_t: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple:
+        """The ``jit`` kernel's numpy views of its state and the bias, kept while the tensors
+        they view are the same objects (held here, so their memory cannot be reused) and the
+        bias has the same storage and version."""
+        stamp = None if bias is None else (bias.data_ptr(), bias._version)
+        kept = getattr(self, "_jit_np", None)
+        if kept is None or kept[0] is not cent_t or kept[1] is not codes_t or kept[2] != stamp:
+            kept = self._jit_np = (cent_t, codes_t, stamp,
+                                   pq_jit.jit_arrays(cent_t, codes_t, bias))
+        return kept[3]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)  # (M, in)
-        bias = None if self.bias is None else self.bias.float()  # no copy when float32
+        # per-call Python counts at few rows (a 384x384 GEMV is 14-25 us): no op that would
+        # return its input (reshape of a 2-D input, float() of float32, to() of the same dtype)
+        flat = x.dim() == 2 and x.shape[1] == self.in_features
+        x2d = x if flat else x.reshape(-1, self.in_features)  # (M, in)
+        bias = self._parameters.get("bias")
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
         y = self._run(self.form_for(x2d.shape[0]), x2d, bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
