@@ -1,6 +1,7 @@
 """Embedding-table lookups and builds, side by side: lowbit's 4-bit table from a local folder
-(dense row ids and hashed 64-bit keys) and from Redis (pipelined, unpipelined, one command per key),
-against numpy fancy indexing of an in-memory float32 array (the upper bound, 7x the bytes) and
+(dense row ids and hashed 64-bit keys; compiled kernels and, beside them, their twins: the numpy
+probe and FBGEMM's decode, the path without numba) and from Redis (pipelined, unpipelined, one
+command per key), against numpy fancy indexing of an in-memory float32 array (the upper bound, 7x the bytes) and
 torch's ``nn.EmbeddingBag`` (float32, one bag per key). Throughput (keys/s, from the median of
 interleaved rounds via `lowbit.eval.timing.interleaved`) and per-batch latency p50/p99 (batches
 timed one by one, methods taking turns in blocks of 200) for batches of 1, 100 and 1,000 keys;
@@ -93,6 +94,10 @@ def methods(x, emb, dense, hashed, hashed_keys, redis_t, batch: int) -> dict:
          "torch nn.EmbeddingBag fp32": (lambda k: emb(torch.from_numpy(k), offsets), ids),
          "lowbit local, dense ids": (dense.lookup, ids),
          "lowbit local, hashed keys": (hashed.lookup, hk),
+         "lowbit local, dense ids, twins (FBGEMM decode, no numba)":
+             (lambda k: dense._fused_rows(0, dense.positions(k)[0]), ids),
+         "lowbit local, hashed keys, twins (numpy probe, FBGEMM decode)":
+             (lambda k: hashed._fused_rows(0, hashed._index.find_twin(k)[0]), hk),
          "lowbit local, numpy decoder (no fused kernel)":
              (lambda k: decode_records(dense.records(dense.positions(k)[0]), dense.layout), ids)}
     if redis_t is not None:

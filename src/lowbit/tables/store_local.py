@@ -3,9 +3,9 @@
 Opening checks the manifest against every shard (header, size, and by default the sha256 of its
 bytes) before any lookup, so a corrupted or truncated shard fails with an error naming the shard.
 A lookup is vectorized: keys -> row positions (dense tables: the key is the position; otherwise a
-binary search over the sorted keys), gather the asked records, decode only those
-(`quant.decode_records`). Nothing is mutated after open, so one table is safe to share across
-threads.
+hash index over the sorted keys), gather the asked records, decode only those (one compiled
+loop, `jit_kernels.gather_decode`, or FBGEMM's row-wise kernel, or `quant.decode_records`).
+Nothing is mutated after open, so one table is safe to share across threads.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import torch
 
 from .format import (HEADER_BYTES, TableError, decode_header, file_sha256, layout_of, read_manifest,
                      shard_bytes)
+from ..kernels import jit
+from . import jit_kernels
 from .index import KeyIndex
 from .quant import decode_records, decode_reference, fused_rowwise_op
 
@@ -115,17 +117,22 @@ class LocalTable:
         return out
 
     def _decode_at(self, pos: np.ndarray) -> np.ndarray:
-        """Decoded rows (n, dim) at positions: the fused kernel on the maps when it reads this
-        layout, else gather + `decode_records`."""
+        """Decoded rows (n, dim) at positions, read from the maps: the compiled gather + decode
+        (`jit_kernels.gather_decode`) for 4/2-bit float16 layouts when compiled kernels are on,
+        else FBGEMM's fused kernel when it reads this layout (the compiled one's twin), else
+        gather + `decode_records`."""
         if self._fused is None:
             return decode_records(self.records(pos), self.layout)
+        compiled = jit.kernel("gather_decode", pos.size * self.dim, define=jit_kernels.define)
+        rows = self._fused_rows if compiled is None else (
+            lambda s, p: compiled(self._records[s], p, self.dim, self.layout.bits))
         if len(self._weights) == 1:
-            return self._fused_rows(0, pos)
+            return rows(0, pos)
         shard = np.searchsorted(self._starts, pos, side="right") - 1
         out = np.empty((pos.size, self.dim), dtype=np.float32)
         for s in np.unique(shard):
             sel = shard == s
-            out[sel] = self._fused_rows(s, pos[sel] - self._starts[s])
+            out[sel] = rows(s, pos[sel] - self._starts[s])
         return out
 
     def _fused_rows(self, shard: int, pos: np.ndarray) -> np.ndarray:
