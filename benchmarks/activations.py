@@ -7,8 +7,9 @@ peer), lowbit ``w8a8`` (per-token dynamic), ``w8a8-static`` (one activation rang
 `kernels.select.KernelSelector` picks on this host among the w8 paths (w8a8, int8mm, bf16, f32).
 
 End to end: all-MiniLM-L6-v2 with its Linear layers' forward replaced *in this script only*
-(nn/ is not touched) by lowbit kernels, plus fp32, torch.ao and lowbit's current weight-only
-QLinear; mean / min cosine of sentence embeddings vs fp32 over `eval.sentences.SENTENCES`.
+(nn/ is not touched) by lowbit kernels, plus fp32, torch.ao and the modules `lowbit.quantize`
+makes (``QLinearA8`` for ``w8a8``: the kernel plus the module's own per-call work and the
+selector's path per row count; ``QLinear`` for the weight-only schemes); mean / min cosine of sentence embeddings vs fp32 over `eval.sentences.SENTENCES`.
 
     python benchmarks/activations.py --threads 1 [--skip-layers] [--skip-model]
 """
@@ -181,6 +182,7 @@ def minilm_variants(model, tok, selector: KernelSelector) -> dict:
             "w8 auto (select)": patch_linears(copy.deepcopy(model), w8a8_maker(selector=selector)),
             "w8 bf16": patch_linears(copy.deepcopy(model), bf16_maker("w8")),
             "w4g128 bf16": patch_linears(copy.deepcopy(model), bf16_maker("w4g128")),
+            "w8a8 QLinearA8": api.quantize(copy.deepcopy(model), "w8a8", verbose=False),
             "w8 QLinear": api.quantize(copy.deepcopy(model), "w8", verbose=False),
             "w4g128 QLinear": api.quantize(copy.deepcopy(model), "w4g128", verbose=False)}
 
