@@ -210,7 +210,8 @@ def _define() -> dict[str, Callable]:
                 out[m, n] = f32(acc[m, n]) * mul[n] + add[n]
         return out
 
-    # one wrapper per (kernel, threading): distinct names, distinct cache entries
+    # One wrapper per (kernel, threading), written out: numba's disk cache keys a function on its
+    # qualified name and line, so wrappers made by a factory would share one cache entry.
     @serial
     def token_codes(x, qmax, rel, tiny):
         return token_codes_body(x, qmax, rel, tiny)
