@@ -105,31 +105,37 @@ def _define_pq() -> dict[str, Callable]:
     from numba import njit, prange
 
     f32 = np.float32
-    body = njit(inline="always")  # no fastmath: sums in the documented order
     serial = njit(cache=True, nogil=True)
     parallel = njit(cache=True, nogil=True, parallel=True)
+    lut_span, add_bias = _lut_bodies()
 
-    @body
-    def build_row(x, m, base, cent_t, row):
-        """row[c] = x[m, base:base + bs] . centroid c: products summed in pairs, the pairs in
-        order, an odd last product last."""
-        bs, k = cent_t.shape
-        if bs == 1:
-            x0 = x[m, base]
-            for c in range(k):
-                row[c] = x0 * cent_t[0, c]
-            return
-        x0, x1 = x[m, base], x[m, base + 1]
-        for c in range(k):
-            row[c] = x0 * cent_t[0, c] + x1 * cent_t[1, c]
-        for j in range(2, bs - 1, 2):
-            x0, x1 = x[m, base + j], x[m, base + j + 1]
-            for c in range(k):
-                row[c] += x0 * cent_t[j, c] + x1 * cent_t[j + 1, c]
-        if bs % 2:
-            x0 = x[m, base + bs - 1]
-            for c in range(k):
-                row[c] += x0 * cent_t[bs - 1, c]
+    @serial
+    def pq_lut(x, cent_t, codes_t, bias, tasks):
+        y = np.zeros((x.shape[0], codes_t.shape[1]), f32)
+        lut_span(x, cent_t, codes_t, y, 0, codes_t.shape[1])
+        return add_bias(y, bias)
+
+    @parallel
+    def pq_lut_par(x, cent_t, codes_t, bias, tasks):
+        n_out = codes_t.shape[1]
+        y = np.zeros((x.shape[0], n_out), f32)
+        span = (n_out + tasks - 1) // tasks
+        for t in prange(tasks):
+            lut_span(x, cent_t, codes_t, y, t * span, min(n_out, (t + 1) * span))
+        return add_bias(y, bias)
+
+    return {"pq_lut": pq_lut, "pq_lut_par": pq_lut_par}
+
+
+def _lut_bodies() -> tuple[Callable, Callable]:
+    """The inlined bodies of `_define_pq`'s kernels: ``lut_span`` and ``add_bias``."""
+    import numpy as np
+    from numba import njit
+
+    f32 = np.float32
+    body = njit(inline="always")  # no fastmath: sums in the documented order
+
+    build_row = _build_row()
 
     @body
     def lut_span(x, cent_t, codes_t, y, n_lo, n_hi):
@@ -162,19 +168,35 @@ def _define_pq() -> dict[str, Callable]:
                 y[m, n] += bias[n]
         return y
 
-    @serial
-    def pq_lut(x, cent_t, codes_t, bias, tasks):
-        y = np.zeros((x.shape[0], codes_t.shape[1]), f32)
-        lut_span(x, cent_t, codes_t, y, 0, codes_t.shape[1])
-        return add_bias(y, bias)
+    return lut_span, add_bias
 
-    @parallel
-    def pq_lut_par(x, cent_t, codes_t, bias, tasks):
-        n_out = codes_t.shape[1]
-        y = np.zeros((x.shape[0], n_out), f32)
-        span = (n_out + tasks - 1) // tasks
-        for t in prange(tasks):
-            lut_span(x, cent_t, codes_t, y, t * span, min(n_out, (t + 1) * span))
-        return add_bias(y, bias)
 
-    return {"pq_lut": pq_lut, "pq_lut_par": pq_lut_par}
+def _build_row() -> Callable:
+    """The inlined body that fills one block's lookup table (see `_define_pq`)."""
+    from numba import njit
+
+    body = njit(inline="always")  # no fastmath: sums in the documented order
+
+    @body
+    def build_row(x, m, base, cent_t, row):
+        """row[c] = x[m, base:base + bs] . centroid c: products summed in pairs, the pairs in
+        order, an odd last product last."""
+        bs, k = cent_t.shape
+        if bs == 1:
+            x0 = x[m, base]
+            for c in range(k):
+                row[c] = x0 * cent_t[0, c]
+            return
+        x0, x1 = x[m, base], x[m, base + 1]
+        for c in range(k):
+            row[c] = x0 * cent_t[0, c] + x1 * cent_t[1, c]
+        for j in range(2, bs - 1, 2):
+            x0, x1 = x[m, base + j], x[m, base + j + 1]
+            for c in range(k):
+                row[c] += x0 * cent_t[j, c] + x1 * cent_t[j + 1, c]
+        if bs % 2:
+            x0 = x[m, base + bs - 1]
+            for c in range(k):
+                row[c] += x0 * cent_t[bs - 1, c]
+
+    return build_row

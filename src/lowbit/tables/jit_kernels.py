@@ -28,6 +28,10 @@ from typing import Callable
 def define() -> dict[str, Callable]:
     """``{"probe", "gather_decode"}`` -> dispatchers, compiled on first call (or loaded from numba's
     disk cache)."""
+    return {"probe": _probe(), "gather_decode": _gather_decode()}
+
+
+def _probe() -> Callable:
     import numpy as np
     from numba import njit
 
@@ -72,6 +76,12 @@ def define() -> dict[str, Callable]:
             missing += 1
         return pos, found, missing
 
+    return probe
+
+
+def _half_bits() -> Callable:
+    from numba import njit
+
     @njit(inline="always")
     def half_bits(h):
         """float16 bit pattern -> float32 bit pattern of the same value (exact)."""
@@ -89,6 +99,14 @@ def define() -> dict[str, Callable]:
             m <<= 1
             e32 -= 1
         return sign | (e32 << 23) | ((m & 0x3FF) << 13)
+
+    return half_bits
+
+
+def _gather_decode() -> Callable:
+    import numpy as np
+    from numba import njit
+    half_bits = _half_bits()
 
     @njit(cache=True, nogil=True)
     def gather_decode(records, pos, dim, bits):
@@ -128,4 +146,4 @@ def define() -> dict[str, Callable]:
                 out[i, j] = np.float32((records[r, whole] >> ((j - whole * per) * bits)) & mask) * scale + bias
         return out
 
-    return {"probe": probe, "gather_decode": gather_decode}
+    return gather_decode
