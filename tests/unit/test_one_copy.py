@@ -2,6 +2,8 @@
 outputs on every path, the file layout on save, and the memory figure against the file's bytes."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -216,6 +218,9 @@ def test_static_conv_keeps_only_the_packed_weight(tmp_path):
     x = data[0]
     loaded = lowbit.load(path, conv_net())
     assert torch.equal(loaded(x), q(x))
+    twin = copy.deepcopy(q)  # the opaque packed weight has no storage: the copy packs its own
+    assert twin[2].layout == "onednn" and twin[2]._prepared["packed"] is not q[2]._prepared["packed"]
+    assert torch.equal(twin(x), q(x))
     for model in (q, loaded):
         conv_bytes = sum(model_tensor_bytes(m) for m in model.modules() if isinstance(m, QConv2dA8))
         file_conv = sum(t.numel() * t.element_size() for k, t in tensors.items() if k[0] in "02")

@@ -9,6 +9,7 @@ layer, fixed by calibration (`primitives.tokens.static_input_params`), saved in 
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -217,6 +218,20 @@ class QConv2dA8(_A8Mixin, QuantizedModule):
 
     def _derive_none(self) -> None:
         self._prepared = None
+
+    def __deepcopy__(self, memo: dict) -> "QConv2dA8":
+        """A copy rebuilt from the file-layout codes: the packed weight is an opaque tensor that
+        ``copy.deepcopy`` cannot copy (no storage), so the copy packs its own."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_prepared":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._prepared = None
+        if self.layout == "onednn" and self._prepared is not None:
+            new._keep_codes(self.file_qdata(), "file")
+        new.rebuild()
+        return new
 
     def file_qdata(self) -> torch.Tensor:
         if self.layout == "onednn":
