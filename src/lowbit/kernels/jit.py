@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -291,8 +291,3 @@ def _grid_epilogue() -> dict[str, Callable]:
         return grid_epilogue_body(acc, scale, zero_point, col_sum, s_w, bias)
 
     return {"grid_epilogue": grid_epilogue, "grid_epilogue_par": grid_epilogue_par}
-
-
-def warm() -> dict[str, Any]:
-    """Load (or compile) every kernel now; returns {"status": ...} (for `lowbit kernels`)."""
-    return {"status": status()}
