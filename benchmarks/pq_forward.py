@@ -44,7 +44,7 @@ def random_codebook(out: int, inp: int, gen: torch.Generator) -> CodebookWeight:
     return CodebookWeight(cent, pack_assignments(a, K), (out, inp), BLOCK)
 
 
-FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "jit", "PQLinear")
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "bf16-jit", "jit", "PQLinear")
 
 
 def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
@@ -71,6 +71,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
                "lut": lambda: pq.lut_linear(x, cent, lidx, bags, bias),
                "lutg": lambda: pq.lutg_linear(x, cent, gidx_t, bias),
                "bf16": lambda: pq.bf16_linear(x, c16, fa, out, bias),
+               "bf16-jit": lambda: pq.bf16_linear(x, c16, fa, out, bias, compiled=True),
                "jit": lambda: pq_jit.jit_linear(x, cent_t, codes_t, bias),
                "PQLinear": lambda: layer(x)}
         with torch.inference_mode():
@@ -79,7 +80,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
         cells = "".join(f"{t[n].median_ms / base:>9.2f}{t[n].min_ms / t['fp32'].min_ms:>7.2f}"
                         for n in FORMS)
         best = min(FORMS[:-1], key=lambda n: t[n].median_ms if n != "cached" else float("inf"))
-        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best:<8}{auto}",
+        print(f"  {out:>5}x{inp:<5}{m:>4}{base:>9.3f}{t['fp32'].min_ms:>8.3f}{cells}   {best:<9}{auto}",
               flush=True)
 
 
@@ -93,7 +94,7 @@ def main() -> None:
           f"k={K}, block {BLOCK}; ratios to fp32 nn.Linear (median ratio, min ratio); "
           f"jit: {'compiled' if pq_jit.available() else 'torch twin'}")
     print(f"  {'out x in':<11}{'M':>4}{'fp32 med':>9}{'min ms':>8}" +
-          "".join(f"{n:>16}" for n in FORMS) + "   fastest* auto")
+          "".join(f"{n:>16}" for n in FORMS) + "   fastest*  auto")
     with tempfile.TemporaryDirectory(prefix="lowbit-pq-bench-") as cache_dir:
         for out, inp in SHAPES:
             bench(out, inp, args.rounds, cache_dir)

@@ -76,13 +76,15 @@ def test_gather_form_is_differentiable_in_the_centroids():
                                                (33, 40, 300, 8, 7)])
 @pytest.mark.parametrize("m", (1, 5, 64))
 @pytest.mark.parametrize("with_bias", (False, True))
-def test_bf16_form_matches_its_bf16_reference(out, inp, k, bs, tile, m, with_bias):
+@pytest.mark.parametrize("compiled", (False, True))  # bf16 / bf16-jit (the twin where numba is off)
+def test_bf16_form_matches_its_bf16_reference(out, inp, k, bs, tile, m, with_bias, compiled):
     cw = codebook(out, inp, k, bs)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(m, inp, generator=g)
     bias = torch.randn(out, generator=g) if with_bias else None
     ref = pq.ref_bf16_linear(x, cw, bias)
-    y = pq.bf16_linear(x, cw.centroids.to(torch.bfloat16), pq.flat_assign(cw), out, bias, tile)
+    y = pq.bf16_linear(x, cw.centroids.to(torch.bfloat16), pq.flat_assign(cw), out, bias, tile,
+                       compiled=compiled)
     assert y.dtype == torch.float32 and y.shape == ref.shape
     err = (y - ref).abs().max().item()
     assert err <= PQ_BF16_TWIN_RTOL * ref.abs().max().item(), f"max error {err:.3g}"

@@ -116,3 +116,61 @@ def test_layer_runs_the_jit_form_and_follows_centroid_updates():
     want = pq.ref_linear(x.reshape(-1, 64), layer.codebook, layer.bias).view(2, 5, 40)
     assert within(y, want) <= 1.0
     assert "pq-jit" in layer.candidates()
+
+
+# the compiled gather of the ``tiled`` / ``bf16`` forms: a copy, so equal bit for bit to its twin
+# (index_select); 8, 16 and 32-byte rows take the kernel, other widths the twin
+GATHER_CASES = [(torch.bfloat16, 4), (torch.bfloat16, 8), (torch.bfloat16, 16),
+                (torch.float32, 2), (torch.float32, 4), (torch.float32, 8),
+                (torch.bfloat16, 3), (torch.float32, 3)]
+
+
+@pytest.mark.parametrize("variant", ("pq_gather", "pq_gather_par"))
+@pytest.mark.parametrize("dtype,bs", GATHER_CASES[:6])
+def test_gather_kernel_copies_rows_bit_for_bit(variant, dtype, bs):
+    g = torch.Generator().manual_seed(5)
+    cent = torch.randn(256, bs, generator=g).to(dtype)
+    cent[0] = float("nan")  # a payload is copied, not computed: NaN bits survive
+    cent[1] = -0.0
+    assign = torch.randint(256, (1001,), generator=g, dtype=torch.int32)
+    assign[:3] = torch.tensor([0, 1, 255], dtype=torch.int32)
+    out = torch.full((1001, bs), 7.0, dtype=dtype)
+    words = bs * cent.element_size() // 8
+    kernels = jit._tables.get(pq_jit._define_gather) or pq_jit._define_gather()
+    kernels[variant](cent.view(torch.int64).numpy(), assign.numpy(),
+                     out.view(torch.int64).numpy(), 3)  # 3 spans: uneven over 1001 rows
+    want = torch.index_select(cent, 0, assign)
+    assert out.view(torch.int64).shape == (1001, words)
+    assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("dtype,bs", GATHER_CASES)
+@pytest.mark.parametrize("jit_on", ("1", "0"))
+def test_gather_rows_equals_index_select(monkeypatch, dtype, bs, jit_on):
+    monkeypatch.setenv(jit.ENV, jit_on)
+    g = torch.Generator().manual_seed(6)
+    cent = torch.randn(64, bs, generator=g).to(dtype)
+    assign = torch.randint(64, (40_000,), generator=g, dtype=torch.int32)  # over PARALLEL_MIN words at 16/32 bytes
+    out = torch.empty(40_000, bs, dtype=dtype)
+    assert pq_jit.gather_rows(cent, assign, out) is out
+    assert torch.equal(out, torch.index_select(cent, 0, assign))
+    # a tile's slice of the assignments (what the tiled forms pass)
+    part = torch.empty(100, bs, dtype=dtype)
+    pq_jit.gather_rows(cent, assign[500:600], part)
+    assert torch.equal(part, cent[assign[500:600].long()])
+
+
+@pytest.mark.parametrize("form", ("tiled", "bf16"))
+def test_tiled_forms_with_the_compiled_gather_match_their_twins(form):
+    cw = codebook(70, 96, 256, 8)
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(7))
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(8))
+    if form == "tiled":
+        y = pq.tiled_linear(x, cw.centroids.float(), pq.flat_assign(cw), 70, bias, tile_rows=16)
+        assert within(y, pq.ref_linear(x, cw, bias)) <= 1
+    else:
+        c16 = cw.centroids.to(torch.bfloat16)
+        for tile in (0, 16):  # one tile (fresh weight) and several (scratch buffer)
+            y = pq.bf16_linear(x, c16, pq.flat_assign(cw), 70, bias, tile_rows=tile)
+            assert torch.equal(y, pq.ref_bf16_linear(x, cw, bias))

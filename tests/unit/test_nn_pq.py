@@ -26,7 +26,8 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() <= PQ_FORM_RTOL * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("form", (None, "cached", "gather", "tiled", "lut", "lutg", "bf16", "ref"))
+@pytest.mark.parametrize("form", (None, "cached", "gather", "tiled", "lut", "lutg", "bf16", "bf16-jit",
+                                  "ref"))
 @pytest.mark.parametrize("m", (1, 7))
 def test_forms_match_reference(form, m):
     cw = codebook()
@@ -38,7 +39,7 @@ def test_forms_match_reference(form, m):
         y = layer(x)
     assert y.shape == (2, m, 48)
     ref = pq.ref_linear(x.reshape(-1, 64), cw, bias).reshape(2, m, 48)
-    if form == "bf16":
+    if form in ("bf16", "bf16-jit"):
         assert (y - ref).abs().max() <= PQ_BF16_RTOL * ref.abs().max()
     else:
         assert close(y, ref)

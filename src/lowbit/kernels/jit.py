@@ -60,15 +60,17 @@ def status() -> str:
     return f"numba {numba.__version__}, {threads}, cache {_cache_dir()}"
 
 
-def kernel(name: str, elements: int = 0, define: Callable[[], dict] | None = None
-           ) -> Callable | None:
+def kernel(name: str, elements: int = 0, define: Callable[[], dict] | None = None,
+           parallel_min: int = PARALLEL_MIN) -> Callable | None:
     """The compiled kernel ``name`` of the table that ``define`` returns (this module's int8
     activation kernels by default; another module passes its own ``define``, a function that
     imports numba inside and returns ``{name: dispatcher}``, built once per process), or None
     when compiled kernels are off here. For inputs of at least `PARALLEL_MIN` ``elements`` while
     torch runs more than one thread, the ``<name>_par`` variant if the table has one, spread over
     as many of numba's threads as torch uses (fewer elements: the calling thread; starting the
-    threads costs more than it saves)."""
+    threads costs more than it saves). A kernel whose output feeds a multi-threaded torch op may
+    set its own ``parallel_min`` (`pq_jit.gather_rows`: each thread then writes the part of the
+    weight its GEMM thread reads)."""
     if not enabled() or _load() is None:
         return None
     table = _tables.get(define or _define)
@@ -76,7 +78,7 @@ def kernel(name: str, elements: int = 0, define: Callable[[], dict] | None = Non
         with _lock:
             table = _tables.setdefault(define or _define, (define or _define)())
     threads = torch.get_num_threads()
-    if (elements >= PARALLEL_MIN and threads > 1 and _parallel_ok and name + "_par" in table
+    if (elements >= parallel_min and threads > 1 and _parallel_ok and name + "_par" in table
             and _not_a_forked_child()):
         import numba
         threads = min(threads, numba.config.NUMBA_NUM_THREADS)

@@ -25,6 +25,12 @@ Forms (y = x @ W^T + b, W (out, in) made of n_blocks = in / block_size sub-vecto
               centroid values: the size of the stored centroids) into a bf16 tile, bf16 GEMM,
               fp32 output (a CPU with AVX512_BF16 runs a bf16 GEMM in 0.4-0.5x of fp32's time).
               The decoded weight lives for one call (one tile on large weights), never longer.
+  ``bf16-jit`` the ``bf16`` form with the compiled gather (`pq_jit.gather_rows`: 64-bit word copies,
+              over numba's threads when torch runs several). Which gather wins depends on the
+              host and the thread count (here, 1 thread: 0.63-0.85x of fp32 against ``bf16``'s
+              0.76-0.92x; 2 threads: 0.74x against 0.80x on 1536-wide weights, but 1.29x against
+              1.11x on 384x384, where numba's and torch's thread pools meet), so both are offered
+              to the selector.
   ``jit``     the lookup table built and summed in one compiled loop (`kernels.pq_jit`, numba):
               per block a k-float table, added into every output before the next block; one
               call a forward. Offered only where compiled kernels run (`pq_jit.available`).
@@ -43,11 +49,11 @@ import torch.nn.functional as F
 from . import pq_jit
 from ..primitives.codebook import CodebookWeight
 
-FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "jit", "ref")
+FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "bf16-jit", "jit", "ref")
 # forms the host-measured selector may pick (no float weight kept between calls), and the prefix
 # of their selector names (``pq-lut``: no clash with `kernels.cpu`'s path names); ``jit`` only
 # where compiled kernels run (`selectable`)
-SELECTABLE = ("tiled", "gather", "lut", "lutg", "bf16", "jit")
+SELECTABLE = ("tiled", "gather", "lut", "lutg", "bf16", "bf16-jit", "jit")
 SELECTOR_PREFIX = "pq-"
 # bytes of one tile of the tiled form's weight buffer: 512 rows of a 4096-input weight (tiles of
 # 32..512 rows measured on 4096x4096 at M = 64: 1.11, 1.17, 1.03, 0.97, 0.91 of fp32's time)
@@ -55,8 +61,10 @@ TILE_BYTES = 8 << 20
 
 
 def selectable() -> tuple[str, ...]:
-    """The `SELECTABLE` forms that run here (``jit`` needs numba and ``LOWBIT_JIT`` not 0)."""
-    return SELECTABLE if pq_jit.available() else tuple(f for f in SELECTABLE if f != "jit")
+    """The `SELECTABLE` forms that run here (``jit`` and ``bf16-jit`` need numba and
+    ``LOWBIT_JIT`` not 0)."""
+    return (SELECTABLE if pq_jit.available()
+            else tuple(f for f in SELECTABLE if f not in ("jit", "bf16-jit")))
 
 
 def reconstruct(cw: CodebookWeight) -> torch.Tensor:
@@ -150,27 +158,36 @@ def lutg_linear(x2d: torch.Tensor, centroids: torch.Tensor, index_t: torch.Tenso
 
 
 def bf16_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_assign: torch.Tensor,
-                out_features: int, bias: torch.Tensor | None, tile_rows: int = 0) -> torch.Tensor:
+                out_features: int, bias: torch.Tensor | None, tile_rows: int = 0,
+                compiled: bool = False) -> torch.Tensor:
     """fp32 (M, out): bf16 activations times the weight gathered from bf16 ``centroids``
     (k, block_size) by ``flat_assign`` (int32 (out * n_blocks,)), tile by tile (``TILE_BYTES``
-    of fp32-equivalent rows); the bf16 GEMM output widened to fp32, then the fp32 bias added."""
+    of fp32-equivalent rows); the bf16 GEMM output widened to fp32 and the fp32 bias added in one
+    op. ``compiled``: gather by `pq_jit.gather_rows` (the ``bf16-jit`` form) instead of
+    ``index_select``; the weight is the same bit for bit."""
+    gather = pq_jit.gather_rows if compiled else _index_select
     x = x2d.to(torch.bfloat16)
     m, inp = x.shape
     bs = centroids.shape[1]
     nb = inp // bs
     tile = min(tile_rows or max(1, TILE_BYTES // (4 * inp)), out_features)
     if tile == out_features:  # one tile: no scratch, no copy
-        w = torch.index_select(centroids, 0, flat_assign).view(out_features, inp)
-        y = torch.mm(x, w.t()).float()
-        return y if bias is None else y.add_(bias)
+        w = gather(centroids, flat_assign, torch.empty(out_features * nb, bs, dtype=torch.bfloat16))
+        y = torch.mm(x, w.view(out_features, inp).t())
+        return y.float() if bias is None else torch.add(y, bias)  # bf16 + fp32: fp32, one pass
     buf = torch.empty(tile * nb, bs, dtype=torch.bfloat16)  # (tile * n_blocks, block_size)
     y = torch.empty(m, out_features)
     for r0 in range(0, out_features, tile):
         n = min(tile, out_features - r0)
         part = buf[:n * nb]
-        torch.index_select(centroids, 0, flat_assign[r0 * nb:(r0 + n) * nb], out=part)
+        gather(centroids, flat_assign[r0 * nb:(r0 + n) * nb], part)
         y[:, r0:r0 + n] = torch.mm(x, part.view(n, inp).t())  # (M, n), bf16 -> fp32
     return y if bias is None else y.add_(bias)
+
+
+def _index_select(centroids: torch.Tensor, flat_assign: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+    return torch.index_select(centroids, 0, flat_assign, out=out)
 
 
 def ref_linear(x2d: torch.Tensor, cw: CodebookWeight, bias: torch.Tensor | None) -> torch.Tensor:

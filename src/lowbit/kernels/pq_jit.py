@@ -38,6 +38,13 @@ from . import jit
 from ..primitives.codebook import CodebookWeight
 
 KERNEL = "pq_lut"
+GATHER = "pq_gather"
+GATHER_WORDS = (1, 2, 4)  # centroid rows of 8, 16 or 32 bytes: bf16 blocks of 4/8/16, fp32 of 2/4/8
+# words from which the gather runs over numba's threads (while torch runs several): the GEMM that
+# reads the decoded weight next splits its rows over the cores, and a weight written by one core
+# alone made a 384x384 bf16 GEMM at 64 rows 18 us slower (2 threads: gather + GEMM 108 us on one
+# thread's gather, 84 us on both, 101 us with index_select; measured here)
+GATHER_PARALLEL_MIN = 1 << 12
 
 
 def jit_centroids(cw: CodebookWeight) -> torch.Tensor:
@@ -82,6 +89,69 @@ def jit_arrays(cent_t: torch.Tensor, codes_t: torch.Tensor, bias: torch.Tensor |
     b = (np.zeros(out, np.float32) if bias is None
          else bias.detach().float().contiguous().numpy())
     return cent_t.numpy(), codes_t.numpy(), b
+
+
+def gather_rows(centroids: torch.Tensor, flat_assign: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """``out[i] = centroids[flat_assign[i]]``: the decoded weight of the ``tiled`` and ``bf16``
+    forms, ``centroids`` (k, block_size) and ``out`` (n, block_size) of one dtype, ``flat_assign``
+    int32 (n,). Where compiled kernels run and a centroid row is 8, 16 or 32 bytes, one compiled
+    copy of whole 64-bit words per block (bf16 384x384 at block 8: 14 us against
+    ``index_select``'s 26-32 us; over numba's threads from `GATHER_PARALLEL_MIN` words); otherwise
+    its twin, ``torch.index_select``. A copy: equal bit for bit (tests/parity/test_pq_jit.py)."""
+    words = centroids.shape[1] * centroids.element_size() // 8
+    n = flat_assign.shape[0]
+    run = None
+    if (words in GATHER_WORDS and centroids.shape[1] * centroids.element_size() == 8 * words
+            and centroids.is_contiguous() and out.is_contiguous()
+            and flat_assign.dtype == torch.int32 and flat_assign.is_contiguous()):
+        run = jit.kernel(GATHER, n * words, define=_define_gather,
+                         parallel_min=GATHER_PARALLEL_MIN)
+    if run is None:
+        return torch.index_select(centroids, 0, flat_assign, out=out)
+    run(centroids.view(torch.int64).numpy(), flat_assign.numpy(),
+        out.view(torch.int64).view(n, words).numpy(), torch.get_num_threads())
+    return out
+
+
+def _define_gather() -> dict[str, Callable]:
+    """``pq_gather`` and ``pq_gather_par`` (blocks split over numba's threads), both ``(cent
+    (k, words) i64, assign (n,) i32, out (n, words) i64, tasks int) -> None``. The copies are
+    written out per word count: a loop over the words made the kernel 2x slower than
+    ``index_select`` (measured here)."""
+    from numba import njit, prange
+
+    @njit(inline="always")
+    def copy_span(cent, assign, out, lo, hi):
+        w = cent.shape[1]
+        if w == 1:
+            for i in range(lo, hi):
+                out[i, 0] = cent[assign[i], 0]
+        elif w == 2:
+            for i in range(lo, hi):
+                j = assign[i]
+                out[i, 0] = cent[j, 0]
+                out[i, 1] = cent[j, 1]
+        else:
+            for i in range(lo, hi):
+                j = assign[i]
+                out[i, 0] = cent[j, 0]
+                out[i, 1] = cent[j, 1]
+                out[i, 2] = cent[j, 2]
+                out[i, 3] = cent[j, 3]
+
+    @njit(cache=True, nogil=True)
+    def pq_gather(cent, assign, out, tasks):
+        copy_span(cent, assign, out, 0, assign.shape[0])
+
+    @njit(cache=True, nogil=True, parallel=True)
+    def pq_gather_par(cent, assign, out, tasks):
+        n = assign.shape[0]
+        span = (n + tasks - 1) // tasks
+        for t in prange(tasks):
+            copy_span(cent, assign, out, t * span, min(n, (t + 1) * span))
+
+    return {"pq_gather": pq_gather, "pq_gather_par": pq_gather_par}
 
 
 def jit_linear_torch(x2d: torch.Tensor, cent_t: torch.Tensor, codes_t: torch.Tensor,

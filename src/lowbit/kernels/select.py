@@ -64,6 +64,7 @@ RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "
                   "amx_tile", "amx_bf16", "amx_int8")
 # Candidates whose speed rests on a CPU feature; without it they are timed last.
 NEEDS_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "pq-bf16": ("avx512_bf16", "amx_bf16"),
+               "pq-bf16-jit": ("avx512_bf16", "amx_bf16"),
                "w8a8": ("avx512_vnni", "avx_vnni", "amx_int8"),
                "w8a8-static": ("avx512_vnni", "avx_vnni", "amx_int8")}
 

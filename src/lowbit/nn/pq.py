@@ -182,7 +182,8 @@ class PQLinear(PQModule):
                 "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16))}
     _FORM_STATE = {"cached": ("weight",), "gather": ("flat", "cent32"), "tiled": ("flat", "cent32"),
                    "lut": ("lut", "bags", "cent32"), "lutg": ("lutg", "cent32"),
-                   "bf16": ("flat", "cent16"), "jit": ("codes_t", "cent_t"), "ref": ()}
+                   "bf16": ("flat", "cent16"), "bf16-jit": ("flat", "cent16"),
+                   "jit": ("codes_t", "cent_t"), "ref": ()}
 
     def _derived(self, key: str) -> torch.Tensor:
         """A form's derived tensor, rebuilt whenever a tensor it derives from changed. A tensor's
@@ -252,8 +253,9 @@ class PQLinear(PQModule):
             return pq.lut_linear(x2d, d("cent32"), d("lut"), d("bags"), bias)
         if form == "lutg":
             return pq.lutg_linear(x2d, d("cent32"), d("lutg"), bias)
-        if form == "bf16":
-            return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias)
+        if form in ("bf16", "bf16-jit"):
+            return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias,
+                                  compiled=form == "bf16-jit")
         if form == "jit":
             c, a = d("cent_t"), d("codes_t")
             return pq_jit.jit_linear(x2d, c, a, bias, self._jit_arrays(c, a, bias))
