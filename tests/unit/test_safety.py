@@ -427,3 +427,16 @@ def test_A10_cli_quantize_checks_out_before_working(tmp_path, capsys):
     f.write_text("x")
     assert main(["quantize", "no-such-model", "--out", str(f)]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", [[], {}, 3])
+def test_a_layer_kind_that_is_not_a_name_is_a_format_error(kind):
+    """Found by the file fuzzer: ``"kind": []`` raised TypeError (an unhashable lookup) instead of
+    naming the field."""
+    from lowbit.io.schema import check_header
+    entry = {"class": "QLinear", "kind": kind, "shape": [16, 32], "method": "rtn", "dtype": "float32",
+             "tensors": ["qdata", "scale"], "aliases": [], "spec": {}}
+    doc = {"layers": {"0": entry}, "tied": {}, "tensors_sha256": "0" * 64, "format_version": 2,
+           "packing_version": 1, "model": {}, "nonpersistent": [], "files": {}, "provenance": {}}
+    with pytest.raises(FormatError, match="layer '0': field 'kind' must be a str"):
+        check_header(doc, "f.safetensors")

@@ -44,7 +44,11 @@ def check_side_name(name: str, path: str) -> None:
 def _check_layer(name: str, entry: object, path: str) -> None:
     if not isinstance(entry, dict):
         raise FormatError(f"{path}: layer {name!r}: entry must be an object, found {type(entry).__name__}")
-    fields = {**_LAYER_FIELDS, **_KIND_FIELDS.get(entry.get("kind"), {})}
+    weight_kind = entry.get("kind")  # a name before it is looked up (a list is unhashable)
+    if weight_kind is not None and not isinstance(weight_kind, str):
+        raise FormatError(f"{path}: layer {name!r}: field 'kind' must be a str, "
+                          f"found {type(weight_kind).__name__}")
+    fields = {**_LAYER_FIELDS, **_KIND_FIELDS.get(weight_kind, {})}
     for key, kind in fields.items():
         if not isinstance(entry.get(key), kind) or (kind is int and isinstance(entry.get(key), bool)):
             raise FormatError(f"{path}: layer {name!r}: field {key!r} must be a {kind.__name__}, "
