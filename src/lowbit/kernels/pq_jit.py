@@ -43,7 +43,8 @@ GATHER_WORDS = (1, 2, 4)  # centroid rows of 8, 16 or 32 bytes: bf16 blocks of 4
 # words from which the gather runs over numba's threads (while torch runs several): the GEMM that
 # reads the decoded weight next splits its rows over the cores, and a weight written by one core
 # alone made a 384x384 bf16 GEMM at 64 rows 18 us slower (2 threads: gather + GEMM 108 us on one
-# thread's gather, 84 us on both, 101 us with index_select; measured here)
+# thread's gather, 84 us on both, 101 us with index_select, timed as a bare loop of the two here;
+# inside the layer numba's and torch's thread pools meet, see `pq.FORMS`' ``bf16-jit``)
 GATHER_PARALLEL_MIN = 1 << 12
 
 
@@ -93,8 +94,8 @@ def jit_arrays(cent_t: torch.Tensor, codes_t: torch.Tensor, bias: torch.Tensor |
 
 def gather_rows(centroids: torch.Tensor, flat_assign: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
-    """``out[i] = centroids[flat_assign[i]]``: the decoded weight of the ``tiled`` and ``bf16``
-    forms, ``centroids`` (k, block_size) and ``out`` (n, block_size) of one dtype, ``flat_assign``
+    """``out[i] = centroids[flat_assign[i]]``: the decoded weight of the ``bf16-jit`` form
+    (`pq.bf16_linear(compiled=True)`), ``centroids`` (k, block_size) and ``out`` (n, block_size) of one dtype, ``flat_assign``
     int32 (n,). Where compiled kernels run and a centroid row is 8, 16 or 32 bytes, one compiled
     copy of whole 64-bit words per block (bf16 384x384 at block 8: 14 us against
     ``index_select``'s 26-32 us; over numba's threads from `GATHER_PARALLEL_MIN` words); otherwise
