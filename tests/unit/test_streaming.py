@@ -149,6 +149,9 @@ def test_cli_stream_writes_the_same_artifact_and_reports_peak_memory(tmp_path, c
                                                                     "model.safetensors"]
     assert "peak memory (RSS)" in capsys.readouterr().out
     assert main(["quantize", str(src), "--stream", "--smooth", "0.5", "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert main(["quantize", str(src), "--stream", "--group-fallback", "--out", str(tmp_path / "y")]) == 2
+    assert "--stream does not take" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_a_head_less_model_reads_a_checkpoint_with_the_base_prefix(tmp_path):
