@@ -2,6 +2,7 @@
 `nn.Linear`, per shape and number of rows M, interleaved round by round (median and min).
 
     python benchmarks/pq_forward.py --threads 1
+    python benchmarks/pq_forward.py --threads 2 --shape 384x384 --rows 64 --rounds 401 --budget 60
 
 Weights are random (k-means is not run: the forms' speed depends only on shapes, k and block size).
 ``PQLinear`` is the layer as it runs: the form the kernel selector measured fastest here for that
@@ -47,7 +48,8 @@ def random_codebook(out: int, inp: int, gen: torch.Generator) -> CodebookWeight:
 FORMS = ("cached", "gather", "tiled", "lut", "lutg", "bf16", "bf16-jit", "jit", "PQLinear")
 
 
-def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
+def bench(out: int, inp: int, rounds: int, cache_dir: str, rows: tuple[int, ...] = ROWS,
+          budget_s: float = 6.0) -> None:
     gen = torch.Generator().manual_seed(0)
     cw = random_codebook(out, inp, gen)
     lin = torch.nn.Linear(inp, out)
@@ -60,7 +62,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
     cent_t, codes_t = pq_jit.jit_centroids(cw), pq_jit.jit_codes(cw)  # jit: compiled if numba is here
     layer = PQLinear(cw, bias)  # no cache: the selector's measured form per row bucket
     layer.selector = KernelSelector(cache_dir)
-    for m in ROWS:
+    for m in rows:
         x = torch.randn(m, inp, generator=gen)
         with torch.inference_mode():
             auto = layer.form_for(m)  # times the forms once for this bucket (not in the rounds)
@@ -75,7 +77,7 @@ def bench(out: int, inp: int, rounds: int, cache_dir: str) -> None:
                "jit": lambda: pq_jit.jit_linear(x, cent_t, codes_t, bias),
                "PQLinear": lambda: layer(x)}
         with torch.inference_mode():
-            t = interleaved(fns, rounds=rounds, warmup=2, budget_s=6.0)
+            t = interleaved(fns, rounds=rounds, warmup=2, budget_s=budget_s)
         base = t["fp32"].median_ms
         cells = "".join(f"{t[n].median_ms / base:>9.2f}{t[n].min_ms / t['fp32'].min_ms:>7.2f}"
                         for n in FORMS)
@@ -88,6 +90,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--shape", nargs="*", default=[f"{o}x{i}" for o, i in SHAPES],
+                   help="out x in, e.g. 384x384 (default: all four)")
+    p.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
+    p.add_argument("--budget", type=float, default=6.0, help="seconds per shape and M at most")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
@@ -96,8 +102,9 @@ def main() -> None:
     print(f"  {'out x in':<11}{'M':>4}{'fp32 med':>9}{'min ms':>8}" +
           "".join(f"{n:>16}" for n in FORMS) + "   fastest*  auto")
     with tempfile.TemporaryDirectory(prefix="lowbit-pq-bench-") as cache_dir:
-        for out, inp in SHAPES:
-            bench(out, inp, args.rounds, cache_dir)
+        for shape in args.shape:
+            out, inp = (int(v) for v in shape.lower().split("x"))
+            bench(out, inp, args.rounds, cache_dir, tuple(args.rows), args.budget)
     print("* fastest by median among the forms that keep no decoded weight (cached excluded)")
 
 

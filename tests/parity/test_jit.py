@@ -103,6 +103,33 @@ def test_parallel_only_for_large_inputs_on_several_threads(monkeypatch):
     assert jit.kernel("token_codes", 1 << 30) is kernels()["token_codes"]
 
 
+def test_the_remembered_choice_is_per_thread_count_and_calling_thread(monkeypatch):
+    """kernel() remembers its decision; a new thread count or a new calling thread decides again
+    (numba's thread count is set per calling thread)."""
+    import threading
+
+    import numba
+    if not jit._parallel_ok:
+        pytest.skip("numba has no thread-safe threading layer here")
+    kernels()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert jit.kernel("token_codes", jit.PARALLEL_MIN) is kernels()["token_codes_par"]
+    assert jit.kernel("token_codes", jit.PARALLEL_MIN) is kernels()["token_codes_par"]
+    seen = {}
+
+    def other():
+        numba.set_num_threads(1)  # this thread's own count, which kernel() must set again
+        seen["run"] = jit.kernel("token_codes", jit.PARALLEL_MIN)
+        seen["threads"] = numba.get_num_threads()
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == {"run": kernels()["token_codes_par"],
+                    "threads": min(2, numba.config.NUMBA_NUM_THREADS)}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert jit.kernel("token_codes", jit.PARALLEL_MIN) is kernels()["token_codes"]
+
+
 def test_a_forked_child_runs_kernels_on_the_calling_thread(monkeypatch):
     kernels()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)

@@ -125,24 +125,31 @@ GATHER_CASES = [(torch.bfloat16, 4), (torch.bfloat16, 8), (torch.bfloat16, 16),
                 (torch.bfloat16, 3), (torch.float32, 3)]
 
 
-@pytest.mark.parametrize("variant", ("pq_gather", "pq_gather_par"))
+@pytest.mark.parametrize("suffix", ("", "_par"))
 @pytest.mark.parametrize("dtype,bs", GATHER_CASES[:6])
-def test_gather_kernel_copies_rows_bit_for_bit(variant, dtype, bs):
+def test_gather_kernel_copies_rows_bit_for_bit(suffix, dtype, bs):
     g = torch.Generator().manual_seed(5)
     cent = torch.randn(256, bs, generator=g).to(dtype)
     cent[0] = float("nan")  # a payload is copied, not computed: NaN bits survive
+    cent[0, 0] = torch.tensor(0x7FA1 if dtype == torch.bfloat16 else 0x7FA12345,
+                              dtype=torch.int16 if dtype == torch.bfloat16 else torch.int32
+                              ).view(dtype)  # a signalling NaN with a payload
     cent[1] = -0.0
     assign = torch.randint(256, (1001,), generator=g, dtype=torch.int32)
     assign[:3] = torch.tensor([0, 1, 255], dtype=torch.int32)
     out = torch.full((1001, bs), 7.0, dtype=dtype)
-    words = bs * cent.element_size() // 8
+    rows = pq_jit.RowGather(cent, assign)
+    # 8-byte rows: one int64 unit; 16-byte rows: one complex128; 32-byte rows: two
+    assert rows.kernel_name == f"pq_gather{2 if bs * cent.element_size() == 32 else 1}"
     kernels = jit._tables.get(pq_jit._define_gather) or pq_jit._define_gather()
-    kernels[variant](cent.view(torch.int64).numpy(), assign.numpy(),
-                     out.view(torch.int64).numpy(), 3)  # 3 spans: uneven over 1001 rows
+    kernels[rows.kernel_name + suffix](*rows.kernel_args(out, 0, 1001), 3)  # 3 uneven spans
     want = torch.index_select(cent, 0, assign)
-    assert out.view(torch.int64).shape == (1001, words)
-    assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(out.view(bits), want.view(bits))
+    # a span of the assignments into a tile (what the tiled forms pass)
+    part = torch.zeros(100, bs, dtype=dtype)
+    kernels[rows.kernel_name + suffix](*rows.kernel_args(part, 500, 600), 2)
+    assert torch.equal(part.view(bits), want[500:600].view(bits))
 
 
 @pytest.mark.parametrize("dtype,bs", GATHER_CASES)
@@ -159,6 +166,11 @@ def test_gather_rows_equals_index_select(monkeypatch, dtype, bs, jit_on):
     part = torch.empty(100, bs, dtype=dtype)
     pq_jit.gather_rows(cent, assign[500:600], part)
     assert torch.equal(part, cent[assign[500:600].long()])
+    rows = pq_jit.RowGather(cent, assign)  # a layer's: its own output, or a span into a tile
+    assert torch.equal(rows(), out.view(-1)) and rows().shape == (40_000 * bs,)
+    assert torch.equal(rows(torch.empty(100, bs, dtype=dtype), 500, 600), part)
+    # the widths decide whether the kernel may run; LOWBIT_JIT, per call, whether it does
+    assert (rows.kernel_name is None) == (bs * cent.element_size() not in (8, 16, 32))
 
 
 @pytest.mark.parametrize("form", ("tiled", "bf16"))

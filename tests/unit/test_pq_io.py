@@ -91,7 +91,8 @@ def test_forward_forms_add_nothing_to_the_file_or_the_size_report(tmp_path):
         for form in pq.FORMS:
             m.fc.set_form(form), m.out.set_form(form)
             m(ids, img)
-    assert len(m.fc._derived_state) == 9  # weight lut bags lutg flat cent32 cent16 codes_t cent_t
+    # weight lut bags lutg flat cent32 cent16 rows16 codes_t cent_t
+    assert len(m.fc._derived_state) == 10
     assert sorted(m.fc.state_dict()) == ["assignments", "bias", "centroids"]
     path = lowbit.save(m, tmp_path / "f.safetensors")
     with safe_open(str(path), "pt") as f:

@@ -39,14 +39,16 @@ def candidates(calls: list) -> dict:
 
 def test_describe_host_names_cpu_flags_torch_and_threads():
     host = select.describe_host()
-    assert set(host) == {"cpu", "flags", "capability", "torch", "threads"}
+    assert set(host) == {"cpu", "flags", "capability", "torch", "threads", "code"}
+    assert host["code"] == select.code_digest() and len(host["code"]) == 12
     assert host["torch"] == torch.__version__ and host["threads"] == torch.get_num_threads()
     assert set(host["flags"]) <= set(select.RELEVANT_FLAGS) and host["cpu"]
     assert host["capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 @pytest.mark.parametrize("field,value", [("torch", "2.99.0"), ("threads", 64), ("cpu", "Other CPU"),
-                                         ("flags", ["avx2"]), ("capability", "DEFAULT")])
+                                         ("flags", ["avx2"]), ("capability", "DEFAULT"),
+                                         ("code", "000000000000")])
 def test_host_key_changes_with_each_field(field, value):
     host = select.describe_host()
     assert select.host_key({**host, field: value}) != select.host_key(host)

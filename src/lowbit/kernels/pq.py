@@ -25,7 +25,7 @@ Forms (y = x @ W^T + b, W (out, in) made of n_blocks = in / block_size sub-vecto
               centroid values: the size of the stored centroids) into a bf16 tile, bf16 GEMM,
               fp32 output (a CPU with AVX512_BF16 runs a bf16 GEMM in 0.4-0.5x of fp32's time).
               The decoded weight lives for one call (one tile on large weights), never longer.
-  ``bf16-jit`` the ``bf16`` form with the compiled gather (`pq_jit.gather_rows`: 64-bit word copies,
+  ``bf16-jit`` the ``bf16`` form with the compiled gather (`pq_jit.RowGather`: 8/16-byte unit copies,
               over numba's threads when torch runs several). Which gather wins depends on the
               host and the thread count (here, 1 thread: 0.63-0.85x of fp32 against ``bf16``'s
               0.76-0.92x; 2 threads: 0.74x against 0.80x on 1536-wide weights, but 1.29x against
@@ -159,35 +159,31 @@ def lutg_linear(x2d: torch.Tensor, centroids: torch.Tensor, index_t: torch.Tenso
 
 def bf16_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_assign: torch.Tensor,
                 out_features: int, bias: torch.Tensor | None, tile_rows: int = 0,
-                compiled: bool = False) -> torch.Tensor:
+                compiled: bool = False, rows: "pq_jit.RowGather | None" = None) -> torch.Tensor:
     """fp32 (M, out): bf16 activations times the weight gathered from bf16 ``centroids``
     (k, block_size) by ``flat_assign`` (int32 (out * n_blocks,)), tile by tile (``TILE_BYTES``
     of fp32-equivalent rows); the bf16 GEMM output widened to fp32 and the fp32 bias added in one
-    op. ``compiled``: gather by `pq_jit.gather_rows` (the ``bf16-jit`` form) instead of
-    ``index_select``; the weight is the same bit for bit."""
-    gather = pq_jit.gather_rows if compiled else _index_select
-    x = x2d.to(torch.bfloat16)
-    m, inp = x.shape
-    bs = centroids.shape[1]
-    nb = inp // bs
+    op. ``compiled``: gather by a compiled `pq_jit.RowGather` (the ``bf16-jit`` form) instead of
+    ``index_select``; ``rows``: one already prepared on these centroids and assignments (what a
+    layer passes). The weight is the same bit for bit."""
+    if rows is None:
+        rows = pq_jit.RowGather(centroids, flat_assign, compiled=compiled)
+    m, inp = x2d.shape
     tile = min(tile_rows or max(1, TILE_BYTES // (4 * inp)), out_features)
     if tile == out_features:  # one tile: no scratch, no copy
-        w = gather(centroids, flat_assign, torch.empty(out_features * nb, bs, dtype=torch.bfloat16))
+        x, w = x2d.to(torch.bfloat16), rows()  # w: (out * in,) bf16
         y = torch.mm(x, w.view(out_features, inp).t())
         return y.float() if bias is None else torch.add(y, bias)  # bf16 + fp32: fp32, one pass
+    x = x2d.to(torch.bfloat16)
+    nb = inp // centroids.shape[1]
+    bs = centroids.shape[1]
     buf = torch.empty(tile * nb, bs, dtype=torch.bfloat16)  # (tile * n_blocks, block_size)
     y = torch.empty(m, out_features)
     for r0 in range(0, out_features, tile):
         n = min(tile, out_features - r0)
-        part = buf[:n * nb]
-        gather(centroids, flat_assign[r0 * nb:(r0 + n) * nb], part)
+        part = rows(buf[:n * nb], r0 * nb, (r0 + n) * nb)
         y[:, r0:r0 + n] = torch.mm(x, part.view(n, inp).t())  # (M, n), bf16 -> fp32
     return y if bias is None else y.add_(bias)
-
-
-def _index_select(centroids: torch.Tensor, flat_assign: torch.Tensor,
-                  out: torch.Tensor) -> torch.Tensor:
-    return torch.index_select(centroids, 0, flat_assign, out=out)
 
 
 def ref_linear(x2d: torch.Tensor, cw: CodebookWeight, bias: torch.Tensor | None) -> torch.Tensor:

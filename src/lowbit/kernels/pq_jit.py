@@ -38,13 +38,11 @@ from . import jit
 from ..primitives.codebook import CodebookWeight
 
 KERNEL = "pq_lut"
-GATHER = "pq_gather"
-GATHER_WORDS = (1, 2, 4)  # centroid rows of 8, 16 or 32 bytes: bf16 blocks of 4/8/16, fp32 of 2/4/8
-# words from which the gather runs over numba's threads (while torch runs several): the GEMM that
-# reads the decoded weight next splits its rows over the cores, and a weight written by one core
-# alone made a 384x384 bf16 GEMM at 64 rows 18 us slower (2 threads: gather + GEMM 108 us on one
-# thread's gather, 84 us on both, 101 us with index_select, timed as a bare loop of the two here;
-# inside the layer numba's and torch's thread pools meet, see `pq.FORMS`' ``bf16-jit``)
+GATHER = "pq_gather"  # table names: pq_gather1 / pq_gather2 (units a row), each with a _par twin
+# a centroid row is copied in units: an 8-byte row as one int64, a 16-byte row as one complex128 (one
+# 128-bit load and store: 18 us against 23 us for two int64 words on 384x384 bf16 at block 8,
+# here), a 32-byte row as two complex128. bf16 blocks of 4/8/16, fp32 blocks of 2/4/8.
+GATHER_UNITS = {8: (torch.int64, 1), 16: (torch.complex128, 1), 32: (torch.complex128, 2)}
 GATHER_PARALLEL_MIN = 1 << 12
 
 
@@ -92,67 +90,113 @@ def jit_arrays(cent_t: torch.Tensor, codes_t: torch.Tensor, bias: torch.Tensor |
     return cent_t.numpy(), codes_t.numpy(), b
 
 
+class RowGather:
+    """``out[i] = centroids[flat_assign[lo + i]]`` for a span ``lo:hi`` of the assignments: the
+    decoded weight of the ``bf16-jit`` form (`pq.bf16_linear`), prepared once per layer state.
+    ``centroids`` (k, block_size) and ``out`` (n, block_size) of one dtype, ``flat_assign`` int32
+    (n_total,). Where compiled kernels run and a centroid row is 8, 16 or 32 bytes
+    (`GATHER_UNITS`), one compiled loop copies whole rows as 8- or 16-byte units (over numba's
+    threads from `GATHER_PARALLEL_MIN` 64-bit words while torch runs several); otherwise, and with
+    ``compiled=False``, its twin ``torch.index_select``. A copy: equal bit for bit
+    (tests/parity/test_pq_jit.py).
+
+    The numpy views the kernel reads are made here, once: per call they cost 4-5 us, a fifth of
+    the copy itself on a 384x384 weight (a layer keeps its RowGather with its derived state)."""
+
+    __slots__ = ("centroids", "flat_assign", "kernel_name", "_unit", "_per_row", "_cent", "_assign",
+                 "_n", "_row_words")
+
+    def __init__(self, centroids: torch.Tensor, flat_assign: torch.Tensor,
+                 compiled: bool = True) -> None:
+        self.centroids, self.flat_assign = centroids, flat_assign
+        self.kernel_name: str | None = None
+        self._n = flat_assign.shape[0]
+        self._row_words = centroids.shape[1] * centroids.element_size() // 8
+        unit = GATHER_UNITS.get(centroids.shape[1] * centroids.element_size())
+        if (compiled and unit is not None and centroids.dim() == 2 and centroids.is_contiguous()
+                and flat_assign.dtype == torch.int32 and flat_assign.dim() == 1
+                and flat_assign.is_contiguous() and not centroids.requires_grad):
+            dtype, per_row = unit
+            c = centroids.view(dtype)  # (k, per_row)
+            self._cent = (c.view(-1) if per_row == 1 else c).numpy()
+            self._assign = flat_assign.numpy()
+            self._unit, self._per_row = dtype, per_row
+            self.kernel_name = f"{GATHER}{per_row}"
+
+    def kernel_args(self, out: torch.Tensor, lo: int, hi: int) -> tuple:
+        """The compiled kernel's arrays for ``out`` and the span ``lo:hi`` (without ``tasks``)."""
+        o = out.view(self._unit)
+        o = o.view(-1) if self._per_row == 1 else o.view(hi - lo, self._per_row)
+        return self._cent, self._assign[lo:hi], o.numpy()
+
+    def __call__(self, out: torch.Tensor | None = None, lo: int = 0,
+                 hi: int | None = None) -> torch.Tensor:
+        """Rows ``lo:hi`` (all by default) into ``out`` (n, block_size), or into a fresh 1-D
+        tensor of n * block_size values when ``out`` is None (allocated by numpy, so that the
+        kernel's view of it costs nothing; the caller views it as it needs)."""
+        n = (self._n if hi is None else hi) - lo
+        run = None
+        if self.kernel_name is not None and (out is None or out.is_contiguous()):
+            run = jit.kernel(self.kernel_name, n * self._row_words, define=_define_gather,
+                             parallel_min=GATHER_PARALLEL_MIN)
+        if run is None:
+            idx = self.flat_assign[lo:lo + n]
+            if out is None:
+                return torch.index_select(self.centroids, 0, idx).view(-1)
+            return torch.index_select(self.centroids, 0, idx, out=out)
+        if out is not None:
+            run(*self.kernel_args(out, lo, lo + n), torch.get_num_threads())
+            return out
+        a = np.empty(n * self._per_row, self._cent.dtype)
+        run(self._cent, self._assign[lo:lo + n], a if self._per_row == 1 else a.reshape(n, 2),
+            torch.get_num_threads())
+        return torch.from_numpy(a).view(self.centroids.dtype)
+
+
 def gather_rows(centroids: torch.Tensor, flat_assign: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
-    """``out[i] = centroids[flat_assign[i]]``: the decoded weight of the ``bf16-jit`` form
-    (`pq.bf16_linear(compiled=True)`), ``centroids`` (k, block_size) and ``out`` (n, block_size) of one dtype, ``flat_assign``
-    int32 (n,). Where compiled kernels run and a centroid row is 8, 16 or 32 bytes, one compiled
-    copy of whole 64-bit words per block (bf16 384x384 at block 8: 14 us against
-    ``index_select``'s 26-32 us; over numba's threads from `GATHER_PARALLEL_MIN` words); otherwise
-    its twin, ``torch.index_select``. A copy: equal bit for bit (tests/parity/test_pq_jit.py)."""
-    words = centroids.shape[1] * centroids.element_size() // 8
-    n = flat_assign.shape[0]
-    run = None
-    if (words in GATHER_WORDS and centroids.shape[1] * centroids.element_size() == 8 * words
-            and centroids.is_contiguous() and out.is_contiguous()
-            and flat_assign.dtype == torch.int32 and flat_assign.is_contiguous()):
-        run = jit.kernel(GATHER, n * words, define=_define_gather,
-                         parallel_min=GATHER_PARALLEL_MIN)
-    if run is None:
-        return torch.index_select(centroids, 0, flat_assign, out=out)
-    run(centroids.view(torch.int64).numpy(), flat_assign.numpy(),
-        out.view(torch.int64).view(n, words).numpy(), torch.get_num_threads())
-    return out
+    """``out[i] = centroids[flat_assign[i]]`` by a one-off `RowGather` (a layer keeps its own)."""
+    return RowGather(centroids, flat_assign)(out)
 
 
 def _define_gather() -> dict[str, Callable]:
-    """``pq_gather`` and ``pq_gather_par`` (blocks split over numba's threads), both ``(cent
-    (k, words) i64, assign (n,) i32, out (n, words) i64, tasks int) -> None``. The copies are
-    written out per word count: a loop over the words made the kernel 2x slower than
-    ``index_select`` (measured here)."""
+    """``pq_gather1`` (one unit a row: 1-D arrays) and ``pq_gather2`` (two: (n, 2) arrays), each
+    with a ``_par`` twin (rows split over numba's threads), all ``(cent, assign (n,) i32, out,
+    tasks int) -> None`` for int64 or complex128 units (numba compiles one body per unit type).
+    A copy moves the unit's bits through a register without arithmetic: NaN payloads and -0.0
+    survive (tested)."""
     from numba import njit, prange
 
     @njit(inline="always")
-    def copy_span(cent, assign, out, lo, hi):
-        w = cent.shape[1]
-        if w == 1:
-            for i in range(lo, hi):
-                out[i, 0] = cent[assign[i], 0]
-        elif w == 2:
-            for i in range(lo, hi):
-                j = assign[i]
-                out[i, 0] = cent[j, 0]
-                out[i, 1] = cent[j, 1]
-        else:
-            for i in range(lo, hi):
-                j = assign[i]
-                out[i, 0] = cent[j, 0]
-                out[i, 1] = cent[j, 1]
-                out[i, 2] = cent[j, 2]
-                out[i, 3] = cent[j, 3]
+    def span1(cent, assign, out, lo, hi):
+        for i in range(lo, hi):
+            out[i] = cent[assign[i]]
 
-    @njit(cache=True, nogil=True)
-    def pq_gather(cent, assign, out, tasks):
-        copy_span(cent, assign, out, 0, assign.shape[0])
+    @njit(inline="always")
+    def span2(cent, assign, out, lo, hi):
+        for i in range(lo, hi):
+            j = assign[i]
+            out[i, 0] = cent[j, 0]
+            out[i, 1] = cent[j, 1]
 
-    @njit(cache=True, nogil=True, parallel=True)
-    def pq_gather_par(cent, assign, out, tasks):
-        n = assign.shape[0]
-        span = (n + tasks - 1) // tasks
-        for t in prange(tasks):
-            copy_span(cent, assign, out, t * span, min(n, (t + 1) * span))
+    def kernels(span):
+        @njit(cache=True, nogil=True)
+        def serial(cent, assign, out, tasks):
+            span(cent, assign, out, 0, assign.shape[0])
 
-    return {"pq_gather": pq_gather, "pq_gather_par": pq_gather_par}
+        @njit(cache=True, nogil=True, parallel=True)
+        def par(cent, assign, out, tasks):
+            n = assign.shape[0]
+            step = (n + tasks - 1) // tasks
+            for t in prange(tasks):
+                span(cent, assign, out, t * step, min(n, (t + 1) * step))
+
+        return serial, par
+
+    table = {}
+    for units, span in ((1, span1), (2, span2)):
+        table[f"{GATHER}{units}"], table[f"{GATHER}{units}_par"] = kernels(span)
+    return table
 
 
 def jit_linear_torch(x2d: torch.Tensor, cent_t: torch.Tensor, codes_t: torch.Tensor,

@@ -9,11 +9,11 @@ the candidates (ties go to the first); they never decide.
 
 Cache file ``<cache dir>/kernels-<key>.json``, the cache dir being ``$LOWBIT_CACHE_DIR`` or
 ``platformdirs.user_cache_dir("lowbit")``, and ``<key>`` the first 16 hex digits of the SHA-256 of
-the host description (`host_key`)::
+the host description (`host_key`; ``code``: `code_digest`, so new kernel code is timed afresh)::
 
     {"version": 2,
      "host": {"cpu": "AMD EPYC", "flags": ["avx512_bf16", ...], "capability": "AVX512",
-              "torch": "2.13.0+cpu", "threads": 1},
+              "torch": "2.13.0+cpu", "threads": 1, "code": "3f2a9c0b17de"},
      "choices": {"<shape class>": {"<row bucket>": {"path": "w8a8", "ms": {"w8a8": 0.41, ...}}}},
      "sha256": "<hex of the canonical JSON of choices>"}
 
@@ -95,11 +95,30 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
 
 
 def describe_host(threads: int | None = None) -> dict:
-    """What a kernel choice depends on: CPU model and flags, torch build, thread count."""
+    """What a kernel choice depends on: CPU model and flags, torch build, thread count, and the
+    code of the paths timed (`code_digest`)."""
     model, flags = cpu_model_and_flags()
     return {"cpu": model, "flags": flags, "capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__,
-            "threads": int(threads if threads is not None else torch.get_num_threads())}
+            "threads": int(threads if threads is not None else torch.get_num_threads()),
+            "code": code_digest()}
+
+
+_code: str | None = None
+
+
+def code_digest() -> str:
+    """The first 12 hex digits of the SHA-256 of lowbit's kernel and layer sources
+    (``kernels/*.py``, ``nn/*.py``): a choice measured on other code (an upgrade, a faster
+    form) is timed again instead of being trusted. Read once per process."""
+    global _code
+    if _code is None:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for f in sorted([*root.joinpath("kernels").glob("*.py"), *root.joinpath("nn").glob("*.py")]):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        _code = h.hexdigest()[:12]
+    return _code
 
 
 def host_key(host: dict) -> str:

@@ -156,6 +156,7 @@ class PQLinear(PQModule):
         self.force_form: str | None = None
         self.selector = None  # None: `nn.selection.default_selector()`
         self._paths: dict[str, str] = {}  # row bucket -> form measured fastest here
+        self._by_rows: dict[int, str] = {}  # row count -> its bucket's form (`_select`)
         self._derived_state: dict[str, tuple[tuple, torch.Tensor]] = {}  # key -> (stamp, tensor)
 
     @classmethod
@@ -179,10 +180,12 @@ class PQLinear(PQModule):
                 "lutg": ("a", pq.lutg_index), "codes_t": ("a", pq_jit.jit_codes),
                 "cent_t": ("c", pq_jit.jit_centroids),
                 "cent32": ("c", lambda cw: cw.centroids.float()),
-                "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16))}
+                "cent16": ("c", lambda cw: cw.centroids.to(torch.bfloat16)),
+                "rows16": ("ca", lambda cw: pq_jit.RowGather(cw.centroids.to(torch.bfloat16),
+                                                              pq.flat_assign(cw)))}
     _FORM_STATE = {"cached": ("weight",), "gather": ("flat", "cent32"), "tiled": ("flat", "cent32"),
                    "lut": ("lut", "bags", "cent32"), "lutg": ("lutg", "cent32"),
-                   "bf16": ("flat", "cent16"), "bf16-jit": ("flat", "cent16"),
+                   "bf16": ("flat", "cent16"), "bf16-jit": ("rows16",),
                    "jit": ("codes_t", "cent_t"), "ref": ()}
 
     def _derived(self, key: str) -> torch.Tensor:
@@ -217,6 +220,9 @@ class PQLinear(PQModule):
         return lambda m: F.linear(x(m), w)
 
     def _select(self, rows: int) -> str:
+        form = self._by_rows.get(rows)  # per call: one lookup (a 384x384 layer is ~120 us)
+        if form is not None:
+            return form
         bucket, _ = row_bucket(rows)
         form = self._paths.get(bucket)
         if form is None:
@@ -229,6 +235,8 @@ class PQLinear(PQModule):
                 del self._derived_state[k]
             if "codes_t" not in keep:
                 self.__dict__.pop("_jit_np", None)
+        if len(self._by_rows) < 1024:
+            self._by_rows[rows] = form
         return form
 
     def form_for(self, rows: int) -> str:
@@ -242,7 +250,14 @@ class PQLinear(PQModule):
         if self._parameters["centroids"].requires_grad and torch.is_grad_enabled():  # finetuning
             return pq.gather_linear(x2d, self.centroids.float(),
                                     self._derived("flat").view(self.out_features, -1), bias)
+        return self._infer(form, x2d, bias)
+
+    def _infer(self, form: str, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``form`` without autograd through the centroids (`_run` checks that)."""
         d = self._derived
+        if form == "bf16-jit":  # the prepared gather keeps its numpy views between calls
+            r = d("rows16")
+            return pq.bf16_linear(x2d, r.centroids, r.flat_assign, self.out_features, bias, rows=r)
         if form == "cached":
             return pq.cached_linear(x2d, d("weight"), bias)
         if form == "gather":  # index (out, n_blocks) int32
@@ -253,9 +268,8 @@ class PQLinear(PQModule):
             return pq.lut_linear(x2d, d("cent32"), d("lut"), d("bags"), bias)
         if form == "lutg":
             return pq.lutg_linear(x2d, d("cent32"), d("lutg"), bias)
-        if form in ("bf16", "bf16-jit"):
-            return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias,
-                                  compiled=form == "bf16-jit")
+        if form == "bf16":
+            return pq.bf16_linear(x2d, d("cent16"), d("flat"), self.out_features, bias)
         if form == "jit":
             c, a = d("cent_t"), d("codes_t")
             return pq_jit.jit_linear(x2d, c, a, bias, self._jit_arrays(c, a, bias))
@@ -276,12 +290,20 @@ class PQLinear(PQModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # per-call Python counts at few rows (a 384x384 GEMV is 14-25 us): no op that would
         # return its input (reshape of a 2-D input, float() of float32, to() of the same dtype)
+        # (form_for and _run inlined: their checks once, the form of a known row count by one
+        # lookup; this Python is 5-10% of a 384x384 layer at 64 rows on 2 threads)
         flat = x.dim() == 2 and x.shape[1] == self.in_features
         x2d = x if flat else x.reshape(-1, self.in_features)  # (M, in)
         bias = self._parameters.get("bias")
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
-        y = self._run(self.form_for(x2d.shape[0]), x2d, bias)
+        if self._parameters["centroids"].requires_grad and torch.is_grad_enabled():
+            y = self._run("gather", x2d, bias)
+        else:
+            m = x2d.shape[0]
+            form = self.force_form or ("cached" if self.cache else
+                                       (self._by_rows.get(m) or self._select(m)) if m else "gather")
+            y = self._infer(form, x2d, bias)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
