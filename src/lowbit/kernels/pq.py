@@ -26,11 +26,11 @@ Forms (y = x @ W^T + b, W (out, in) made of n_blocks = in / block_size sub-vecto
               fp32 output (a CPU with AVX512_BF16 runs a bf16 GEMM in 0.4-0.5x of fp32's time).
               The decoded weight lives for one call (one tile on large weights), never longer.
   ``bf16-jit`` the ``bf16`` form with the compiled gather (`pq_jit.RowGather`: 8/16-byte unit copies,
-              over numba's threads when torch runs several). Which gather wins depends on the
-              host and the thread count (here, 1 thread: 0.63-0.85x of fp32 against ``bf16``'s
-              0.76-0.92x; 2 threads: 0.74x against 0.80x on 1536-wide weights, but 1.29x against
-              1.11x on 384x384, where numba's and torch's thread pools meet), so both are offered
-              to the selector.
+              over numba's threads when torch runs several; a layer keeps its RowGather, so
+              the numpy views are made once). Which gather wins depends on the host and the
+              thread count (here, 1 thread: 0.44-0.81x of fp32 at 64 rows against ``bf16``'s
+              0.62-1.00x; 2 threads: 0.39-1.06x against 0.48-1.19x), so both are offered to the
+              selector.
   ``jit``     the lookup table built and summed in one compiled loop (`kernels.pq_jit`, numba):
               per block a k-float table, added into every output before the next block; one
               call a forward. Offered only where compiled kernels run (`pq_jit.available`).
