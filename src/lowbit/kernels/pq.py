@@ -172,7 +172,7 @@ def bf16_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_assign: torch.T
     tile = min(tile_rows or max(1, TILE_BYTES // (4 * inp)), out_features)
     if tile == out_features:  # one tile: no scratch, no copy
         x, w = x2d.to(torch.bfloat16), rows()  # w: (out * in,) bf16
-        y = torch.mm(x, w.view(out_features, inp).t())
+        y = torch.mm(x, w.as_strided((inp, out_features), (1, inp)))  # W^T in one view op
         return y.float() if bias is None else torch.add(y, bias)  # bf16 + fp32: fp32, one pass
     x = x2d.to(torch.bfloat16)
     nb = inp // centroids.shape[1]
