@@ -18,7 +18,7 @@ from .recipe import Plan, Recipe, Rule
 from .recipe import plan as plan_recipe
 from .smooth import materialize
 from .smooth import smooth as smooth_model
-from .smooth import smooth_at_runtime
+from .smooth import smooth_at_runtime, smooth_with_hessians
 from .spec import QuantSpec, Scheme
 
 DEFAULT_TARGETS = ("Linear",)
@@ -114,15 +114,21 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     source = source_entries(scheme, recipe, provenance.main_method(the_plan, method), targets, ignore,
                             source_sha256(model))
     data = provenance.as_batches(data)  # read once: calibration, smoothing and the hash all use it
-    runtime_smooth = None
+    runtime_smooth, stats = None, None
     if smooth is not None:
         data = materialize(data)
-        runtime_smooth = _smooth_first(model, data, smooth, the_plan, sequential)
+        if _one_pass(the_plan, sequential):  # smoothing and Hessians from one calibration pass
+            model.lowbit_smooth, stats = smooth_with_hessians(
+                model, data, smooth, sorted(the_plan.layers), sorted(calibration_needs(the_plan)),
+                progress)
+        else:
+            runtime_smooth = _smooth_first(model, data, smooth, the_plan, sequential)
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
     if sequential:
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
     else:
-        stats = calibrate_for(model, the_plan, data, progress, runtime_smooth)
+        if stats is None:
+            stats = calibrate_for(model, the_plan, data, progress, runtime_smooth)
         report = apply(model, the_plan, stats=stats, progress=progress, input_smooth=runtime_smooth)
     _speed_summary(model, report)
     model.lowbit_source = {**source, **provenance.method_provenance(the_plan, data, sequential)}
@@ -132,6 +138,15 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     if verbose and smooth is not None:
         print(model.lowbit_smooth, file=sys.stderr)
     return model
+
+
+def _one_pass(the_plan: Plan, sequential: bool) -> bool:
+    """Whether smoothing can share its calibration pass with the layers' own: every layer that
+    needs statistics needs only a Hessian (GPTQ), none quantizes its inputs (those take run-time
+    factors from a pass on the smoothed model), and not block by block."""
+    needs = calibration_needs(the_plan)
+    return (not sequential and bool(needs) and all(k == ("hessian",) for k in needs.values())
+            and all(r.input_mode is None for r in the_plan.layers.values()))
 
 
 def _smooth_first(model: torch.nn.Module, data: list, alpha: float, the_plan, sequential: bool):

@@ -187,3 +187,33 @@ def test_find_pairs_leaves_no_hooks_when_the_model_raises_and_names_non_linears(
     found = find_pairs(model, torch.randn(2, 4), names=["1", "2"])
     assert [(p.producer, p.consumers) for p in found.pairs] == [("0", ("1",))]
     assert found.unpaired == {"2": "not a torch.nn.Linear (only Linears are smoothed)"}
+
+
+def test_gptq_with_smoothing_calibrates_once_and_equals_smoothing_first():
+    """quantize(smooth=, method="gptq") takes the Hessians from smoothing's own pass (transformed
+    by the factors) instead of a second pass on the smoothed model: same codes, one pass."""
+    data = token_batches(6)
+    names = sorted(lowbit.plan(tiny_llama(), "w4g8", method="gptq").layers)
+
+    def calls(model):  # forward calls of the whole model, through its token embedding
+        seen = []
+        model.model.embed_tokens.register_forward_pre_hook(lambda *a: seen.append(1))
+        return seen
+
+    one = tiny_llama()
+    n_one = calls(one)
+    lowbit.quantize(one, "w4g8", method="gptq", data=data, smooth=0.5, verbose=False)
+    two = tiny_llama()
+    smooth(two, data, 0.5, names=names)
+    n_two = calls(two)
+    lowbit.quantize(two, "w4g8", method="gptq", data=data, verbose=False)
+    assert one.lowbit_smooth.pairs and one.lowbit_source["smooth_alpha"] == 0.5
+    for name in names:
+        a, b = one.get_submodule(name).qweight, two.get_submodule(name).qweight
+        assert torch.equal(a.scale, b.scale) or rel_err(a.scale.float(), b.scale.float()) < 1e-3, name
+        same = (a.dequantize() == b.dequantize()).float().mean().item()
+        assert same >= 0.999, f"{name}: {same:.4f} of the weights agree"  # 1.0 here
+    # one pass over the data (plus find_pairs' and the fold check's 3 calls of the first batch,
+    # and the guardrail's timing, which does not run the whole model)
+    assert len(n_one) == len(data) + 3
+    assert len(n_two) == len(data)  # the second model's own calibration pass, after smoothing
