@@ -117,12 +117,7 @@ def quantize(model: torch.nn.Module, scheme: "str | QuantSpec | Scheme | Recipe"
     runtime_smooth, stats = None, None
     if smooth is not None:
         data = materialize(data)
-        if _one_pass(the_plan, sequential):  # smoothing and Hessians from one calibration pass
-            model.lowbit_smooth, stats = smooth_with_hessians(
-                model, data, smooth, sorted(the_plan.layers), sorted(calibration_needs(the_plan)),
-                progress)
-        else:
-            runtime_smooth = _smooth_first(model, data, smooth, the_plan, sequential)
+        runtime_smooth, stats = _smooth_first(model, data, smooth, the_plan, sequential, progress)
         source["smooth_alpha"] = smooth  # the float weights changed: the file must say so
     if sequential:
         report = seq.quantize_sequential(model, the_plan, data, calibration_needs(the_plan), progress)
@@ -149,16 +144,24 @@ def _one_pass(the_plan: Plan, sequential: bool) -> bool:
             and all(r.input_mode is None for r in the_plan.layers.values()))
 
 
-def _smooth_first(model: torch.nn.Module, data: list, alpha: float, the_plan, sequential: bool):
-    """SmoothQuant before quantizing (`model.lowbit_smooth` gets the report); returns the run-time
-    factors of int8-input layers whose producer cannot take them (None with ``sequential``: run-time
-    smoothing is not wired into block-by-block quantization, so those layers stay unsmoothed, named
-    in the report)."""
-    model.lowbit_smooth = smooth_model(model, data, alpha=alpha, names=sorted(the_plan.layers))
+def _smooth_first(model: torch.nn.Module, data: list, alpha: float, the_plan: Plan,
+                  sequential: bool, progress: bool
+                  ) -> tuple[dict[str, torch.Tensor] | None, dict[str, LayerStats] | None]:
+    """SmoothQuant before quantizing (`model.lowbit_smooth` gets the report). Returns the run-time
+    factors of int8-input layers whose producer cannot take them (None with ``sequential``:
+    run-time smoothing is not wired into block-by-block quantization, so those layers stay
+    unsmoothed, named in the report), and, when `_one_pass` holds, the layers' Hessians from
+    smoothing's own calibration pass (else None: they are collected after)."""
+    names = sorted(the_plan.layers)
+    if _one_pass(the_plan, sequential):
+        model.lowbit_smooth, stats = smooth_with_hessians(
+            model, data, alpha, names, sorted(calibration_needs(the_plan)), progress)
+        return None, stats
+    model.lowbit_smooth = smooth_model(model, data, alpha=alpha, names=names)
     if sequential:
-        return None
+        return None, None
     int8_inputs = [n for n, r in the_plan.layers.items() if r.input_mode is not None]
-    return smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs)
+    return smooth_at_runtime(model, data, model.lowbit_smooth, int8_inputs), None
 
 
 def _speed_summary(model: torch.nn.Module, report) -> None:

@@ -179,24 +179,32 @@ def _define_gather() -> dict[str, Callable]:
             out[i, 0] = cent[j, 0]
             out[i, 1] = cent[j, 1]
 
-    def kernels(span):
-        @njit(cache=True, nogil=True)
-        def serial(cent, assign, out, tasks):
-            span(cent, assign, out, 0, assign.shape[0])
+    # four named kernels, not one factory: numba's disk cache keys a kernel on its name and line,
+    # so two kernels made by one factory would share a cache entry
+    @njit(cache=True, nogil=True)
+    def pq_gather1(cent, assign, out, tasks):
+        span1(cent, assign, out, 0, assign.shape[0])
 
-        @njit(cache=True, nogil=True, parallel=True)
-        def par(cent, assign, out, tasks):
-            n = assign.shape[0]
-            step = (n + tasks - 1) // tasks
-            for t in prange(tasks):
-                span(cent, assign, out, t * step, min(n, (t + 1) * step))
+    @njit(cache=True, nogil=True, parallel=True)
+    def pq_gather1_par(cent, assign, out, tasks):
+        n = assign.shape[0]
+        step = (n + tasks - 1) // tasks
+        for t in prange(tasks):
+            span1(cent, assign, out, t * step, min(n, (t + 1) * step))
 
-        return serial, par
+    @njit(cache=True, nogil=True)
+    def pq_gather2(cent, assign, out, tasks):
+        span2(cent, assign, out, 0, assign.shape[0])
 
-    table = {}
-    for units, span in ((1, span1), (2, span2)):
-        table[f"{GATHER}{units}"], table[f"{GATHER}{units}_par"] = kernels(span)
-    return table
+    @njit(cache=True, nogil=True, parallel=True)
+    def pq_gather2_par(cent, assign, out, tasks):
+        n = assign.shape[0]
+        step = (n + tasks - 1) // tasks
+        for t in prange(tasks):
+            span2(cent, assign, out, t * step, min(n, (t + 1) * step))
+
+    return {"pq_gather1": pq_gather1, "pq_gather1_par": pq_gather1_par,
+            "pq_gather2": pq_gather2, "pq_gather2_par": pq_gather2_par}
 
 
 def jit_linear_torch(x2d: torch.Tensor, cent_t: torch.Tensor, codes_t: torch.Tensor,

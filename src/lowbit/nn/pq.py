@@ -10,7 +10,7 @@ derived index tensors and the optional cached float weight are rebuilt in one pl
 ``load_state_dict``, ``.to()`` and optimizer steps on the centroids can never leave them stale.
 
 Runtime memory beyond the file's bytes: an index per block for the forms a layer takes (int32
-for ``tiled`` / ``gather`` / ``bf16``, int32 for ``lut``, int64 for ``lutg``, uint8 for ``jit``
+for ``tiled`` / ``gather`` / ``bf16`` / ``bf16-jit`` (its `pq_jit.RowGather`), int32 for ``lut``, int64 for ``lutg``, uint8 for ``jit``
 (int32 above 256 centroids); the others' are dropped once the selector has chosen), float32,
 transposed float32 and bf16 copies of the centroids (k*block_size values each), plus out*in*4 bytes with ``cache=True`` only: no decoded weight is
 kept otherwise.
