@@ -189,21 +189,22 @@ def test_find_pairs_leaves_no_hooks_when_the_model_raises_and_names_non_linears(
     assert found.unpaired == {"2": "not a torch.nn.Linear (only Linears are smoothed)"}
 
 
-def test_gptq_with_smoothing_calibrates_once_and_equals_smoothing_first():
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_gptq_with_smoothing_calibrates_once_and_equals_smoothing_first(make):
     """quantize(smooth=, method="gptq") takes the Hessians from smoothing's own pass (transformed
     by the factors) instead of a second pass on the smoothed model: same codes, one pass."""
     data = token_batches(6)
-    names = sorted(lowbit.plan(tiny_llama(), "w4g8", method="gptq").layers)
+    names = sorted(lowbit.plan(make(), "w4g8", method="gptq").layers)
 
     def calls(model):  # forward calls of the whole model, through its token embedding
         seen = []
-        model.model.embed_tokens.register_forward_pre_hook(lambda *a: seen.append(1))
+        model.get_input_embeddings().register_forward_pre_hook(lambda *a: seen.append(1))
         return seen
 
-    one = tiny_llama()
+    one = make()
     n_one = calls(one)
     lowbit.quantize(one, "w4g8", method="gptq", data=data, smooth=0.5, verbose=False)
-    two = tiny_llama()
+    two = make()
     smooth(two, data, 0.5, names=names)
     n_two = calls(two)
     lowbit.quantize(two, "w4g8", method="gptq", data=data, verbose=False)
