@@ -175,8 +175,8 @@ def bf16_linear(x2d: torch.Tensor, centroids: torch.Tensor, flat_assign: torch.T
         y = torch.mm(x, w.as_strided((inp, out_features), (1, inp)))  # W^T in one view op
         return y.float() if bias is None else torch.add(y, bias)  # bf16 + fp32: fp32, one pass
     x = x2d.to(torch.bfloat16)
-    nb = inp // centroids.shape[1]
     bs = centroids.shape[1]
+    nb = inp // bs
     buf = torch.empty(tile * nb, bs, dtype=torch.bfloat16)  # (tile * n_blocks, block_size)
     y = torch.empty(m, out_features)
     for r0 in range(0, out_features, tile):

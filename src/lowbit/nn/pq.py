@@ -250,10 +250,6 @@ class PQLinear(PQModule):
         if self._parameters["centroids"].requires_grad and torch.is_grad_enabled():  # finetuning
             return pq.gather_linear(x2d, self.centroids.float(),
                                     self._derived("flat").view(self.out_features, -1), bias)
-        return self._infer(form, x2d, bias)
-
-    def _infer(self, form: str, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``form`` without autograd through the centroids (`_run` checks that)."""
         d = self._derived
         if form == "bf16-jit":  # the prepared gather keeps its numpy views between calls
             r = d("rows16")
@@ -290,20 +286,12 @@ class PQLinear(PQModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # per-call Python counts at few rows (a 384x384 GEMV is 14-25 us): no op that would
         # return its input (reshape of a 2-D input, float() of float32, to() of the same dtype)
-        # (form_for and _run inlined: their checks once, the form of a known row count by one
-        # lookup; this Python is 5-10% of a 384x384 layer at 64 rows on 2 threads)
         flat = x.dim() == 2 and x.shape[1] == self.in_features
         x2d = x if flat else x.reshape(-1, self.in_features)  # (M, in)
         bias = self._parameters.get("bias")
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
-        if self._parameters["centroids"].requires_grad and torch.is_grad_enabled():
-            y = self._run("gather", x2d, bias)
-        else:
-            m = x2d.shape[0]
-            form = self.force_form or ("cached" if self.cache else
-                                       (self._by_rows.get(m) or self._select(m)) if m else "gather")
-            y = self._infer(form, x2d, bias)
+        y = self._run(self.form_for(x2d.shape[0]), x2d, bias)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
