@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -66,10 +67,9 @@ def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
     stats = _check_stats(stats)
     modules = _resolve(model, layer_names)
     observers = {n: make_observer(_observer_for(observer, n)) for n in modules} if "range" in stats else {}
-    hessians = {n: HessianAccumulator() for n in modules} if "hessian" in stats else {}
+    hessians = _SharedHessians() if "hessian" in stats else None
     samples = dict.fromkeys(modules, 0)
     inv = {n: s.detach().float().reciprocal() for n, s in (input_scale or {}).items()}
-    last: dict[str, Any] = {"x": None}  # the newest input, a copy of its values, its X^T X
 
     def make_hook(name: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -78,10 +78,8 @@ def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
             try:
                 if name in observers:
                     observers[name].update(x)
-                if name in hessians:
-                    if not _same_input(x, last):  # layers fed one tensor (q/k/v) share its product
-                        last.update(x=x, copy=x.detach().clone(), gram=gram(x))
-                    hessians[name].add_gram(*last["gram"])
+                if hessians is not None:
+                    hessians.add(name, x)
             except (ObserverError, HessianError) as exc:
                 raise CalibrationError(f"layer {name!r}: {exc}") from exc
             samples[name] += x.numel() // max(1, x.shape[-1]) if x.dim() else 1
@@ -89,12 +87,74 @@ def collect(model: torch.nn.Module, data: Iterable, layer_names: Sequence[str],
 
     with _eval_mode(model), _hooks(modules, make_hook), torch.inference_mode():
         _run(model, data, progress, _StopAfter(modules))
+        if hessians is not None:
+            hessians.flush()
     unseen = [n for n, k in samples.items() if k == 0]
     if unseen:
         raise CalibrationError(f"layers never called during calibration (no inputs seen): {unseen}")
-    return {n: LayerStats(observers[n].range() if n in observers else None,
-                          hessians[n].hessian() if n in hessians else None, samples[n])
+    done = hessians.take() if hessians is not None else {}
+    return {n: LayerStats(observers[n].range() if n in observers else None, done.get(n), samples[n])
             for n in modules}
+
+
+class _SharedHessians:
+    """The layers' Hessian sums, one per group of layers fed the same tensors.
+
+    A transformer's q/k/v projections (and gate/up) receive one tensor on every call: one
+    ``X^T X`` is computed for the group (`gram`) and added to one float64 sum that the group's
+    layers share, which holds SmolLM2's Hessians in 0.8 GiB instead of 1.0. A group splits
+    (the sum copied) the first time its layers are fed different tensors, or the same tensor a
+    different number of times, so every layer's Hessian is exactly that of its own inputs.
+
+    Consecutive hook calls with the same tensor (the same object, its values unchanged) form one
+    feed; `add` keeps it pending, with its product, until a different tensor arrives or `flush`.
+    """
+
+    def __init__(self) -> None:
+        self.owner: dict[str, HessianAccumulator] = {}  # layer -> the sum it shares
+        self.members: dict[HessianAccumulator, set[str]] = {}  # sum -> the layers sharing it
+        self.pending: dict[str, Any] | None = None  # the current feed: x, a copy, its gram, names
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        p = self.pending
+        if p is None or not _same_input(x, p):
+            self.flush()
+            self.pending = p = {"x": x, "copy": x.detach().clone(), "gram": gram(x), "names": []}
+        p["names"].append(name)
+
+    def flush(self) -> None:
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        calls = Counter(p["names"])
+        groups: dict[tuple, list[str]] = {}  # (sum or None for new layers, calls) -> layers
+        for n, k in calls.items():
+            groups.setdefault((self.owner.get(n), k), []).append(n)
+        for (acc, k), names in groups.items():
+            if acc is None or self.members[acc] != set(names):  # new layers, or a split
+                old, acc = acc, (HessianAccumulator() if acc is None else acc.copy())
+                for n in names:
+                    self.owner[n] = acc
+                    if old is not None:
+                        self.members[old].discard(n)
+                self.members[acc] = set(names)
+            try:
+                for _ in range(k):
+                    acc.add_gram(*p["gram"])
+            except HessianError as exc:
+                raise CalibrationError(f"layer(s) {sorted(names)}: {exc}") from exc
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """Layer -> its Hessian, float32 (`HessianAccumulator.take`: one sum at a time, finished
+        in float64, then rounded once); the layers of one group get the same tensor object."""
+        out: dict[str, torch.Tensor] = {}
+        for acc, names in self.members.items():
+            if names:
+                h = acc.take(torch.float32)
+                out.update(dict.fromkeys(names, h))
+        self.owner.clear()
+        self.members.clear()
+        return out
 
 
 def _same_input(x: torch.Tensor, last: dict) -> bool:
