@@ -250,6 +250,7 @@ def scale_channels(model: torch.nn.Module, scales: Sequence[ChannelScale],
     with torch.no_grad():
         for p, new in staged.values():
             p.copy_(new)
+    staged.clear()  # the new values live in the parameters now; only the old ones are kept
     if check is None:
         return
     try:

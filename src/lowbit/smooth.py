@@ -2,10 +2,11 @@
 (Xiao et al., "SmoothQuant", ICML 2023, arXiv 2211.10438; the factors and folds are
 `lowbit.algorithms.smooth`).
 
-Steps: find producer -> consumers pairs on the first batch (`calibrate.pairs.find_pairs`), collect
-each pair's per-input-channel range over every batch (`calibrate.collect`, a per-channel min-max
-observer), compute ``s`` per pair, and fold it with `apply.scale_channels`. The float model's
-function is checked on the first batch after folding: if any output moved by more than
+Steps: find producer -> consumers pairs on the first batch (`calibrate.pairs.find_pairs`; its
+first `PROBE_TOKENS` positions for token batches, `probe_batch`), collect each pair's
+per-input-channel range over every batch (`calibrate.collect`, a per-channel min-max observer),
+compute ``s`` per pair, and fold it with `apply.scale_channels`. The float model's function is
+checked on that same probe after folding: if any output moved by more than
 `FOLD_RTOL` (relative to the output's largest magnitude), every fold is undone and `SmoothError`
 names the worst output.
 """
@@ -23,6 +24,11 @@ from .calibrate import ObserverConfig, call_model, collect
 from .calibrate.collect import _eval_mode
 from .calibrate.pairs import Pair, _tensors, find_pairs
 from .textable import text_table
+
+# Token positions of the first batch that the pair search and the fold check run on: both test
+# the model's structure, not its statistics, and a whole window costs memory for nothing
+# (SmolLM2, 512 tokens: the autograd trace held 0.8 GB, the check's logits 0.1 GB per copy).
+PROBE_TOKENS = 64
 
 # Largest change of any model output after folding, relative to that output's max |value|:
 # float32 folds round each weight once (~6e-8 relative), which grows through a few layers.
@@ -65,6 +71,22 @@ class SmoothReport:
                 f"[{float(f.min()):.3g}, {float(f.max()):.3g}]" for n, f in self.runtime.items()]
         out += [f"  unsmoothed {n}: {why}" for n, why in self.unsmoothed.items()]
         return "\n".join(out)
+
+
+def probe_batch(batch: Any, tokens: int = PROBE_TOKENS) -> Any:
+    """The first ``tokens`` positions of a token batch: a 2-D integer tensor ``(B, T)``, or a dict
+    whose tensors are all ``(B, T)`` with the same shape and ``input_ids`` among them (what a
+    tokenizer returns); any other batch, or a shorter one, as it is."""
+    if isinstance(batch, torch.Tensor):
+        cut = batch.dim() == 2 and not batch.is_floating_point() and batch.shape[1] > tokens
+        return batch[:, :tokens] if cut else batch
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch
+    shape = batch["input_ids"].shape
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    if len(shape) != 2 or shape[1] <= tokens or any(t.shape != shape for t in tensors):
+        return batch
+    return {k: v[:, :tokens] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def materialize(data: Iterable) -> Sequence:
@@ -112,7 +134,8 @@ def _smooth(model: torch.nn.Module, data: Iterable, alpha: float, names: Sequenc
     batches = materialize(data)
     if not batches:
         raise SmoothError("smooth needs at least one calibration batch; data is empty")
-    search = find_pairs(model, batches[0], names)
+    probe = probe_batch(batches[0])
+    search = find_pairs(model, probe, names)
     report = SmoothReport(alpha, unsmoothed=dict(search.unpaired))
     firsts = [p.consumers[0] for p in search.pairs]
     wanted = list(dict.fromkeys(firsts + list(hessian_layers)))
@@ -125,21 +148,42 @@ def _smooth(model: torch.nn.Module, data: Iterable, alpha: float, names: Sequenc
     if not search.pairs:
         return report, hessians
     scales = _factors(model, stats, search.pairs, alpha)
-    before = _outputs(model, batches[0])
+    before = _outputs(model, probe)
 
     def check() -> None:
-        report.max_rel_change = _max_rel_change(before, _outputs(model, batches[0]))
+        report.max_rel_change = _max_rel_change(before, _outputs(model, probe, keep=False))
 
     scale_channels(model, scales, check)
     report.pairs = [SmoothedPair(p.producer, p.consumers, p.how, float(sc.factors.min()),
                                  float(sc.factors.max())) for p, sc in zip(search.pairs, scales)]
-    for sc in scales:  # inputs x_j / s_j: H_ij / (s_i s_j)
+    _scale_hessians(hessians, scales)
+    return report, hessians
+
+
+def _scale_hessians(hessians: dict[str, LayerStats], scales: list[ChannelScale]) -> None:
+    """Each smoothed consumer's Hessian made that of its new inputs ``x_j / s_j``:
+    ``H_ij / (s_i s_j)``. Layers fed one tensor share one Hessian object (`calibrate.collect`);
+    it is scaled once, in place, when every layer holding it is a consumer of the same factors
+    (q/k/v of one norm), else the consumer gets a scaled copy."""
+    holders: dict[int, set[str]] = {}
+    for n, st in hessians.items():
+        holders.setdefault(id(st.hessian), set()).add(n)
+    done: set[int] = set()
+    for sc in scales:
         inv = sc.factors.double().reciprocal()
         for c in sc.consumers:
-            if c in hessians:
-                h = hessians[c].hessian
-                hessians[c] = replace(hessians[c], hessian=h * inv.unsqueeze(1) * inv.unsqueeze(0))
-    return report, hessians
+            if c not in hessians:
+                continue
+            h = hessians[c].hessian
+            scaled = lambda: (h.double() * inv.unsqueeze(1) * inv.unsqueeze(0)).to(h.dtype)  # noqa: E731
+            if holders[id(h)] <= set(sc.consumers):
+                if id(h) not in done:
+                    h.copy_(scaled())
+                    done.add(id(h))
+            else:
+                holders[id(h)].discard(c)
+                hessians[c] = replace(hessians[c], hessian=scaled())
+                holders[id(hessians[c].hessian)] = {c}
 
 
 def smooth_at_runtime(model: torch.nn.Module, data: Sequence, report: SmoothReport,
@@ -179,9 +223,13 @@ def _factors(model: torch.nn.Module, stats: dict[str, LayerStats], pairs: list[P
     return scales
 
 
-def _outputs(model: torch.nn.Module, batch: Any) -> list[torch.Tensor]:
+def _outputs(model: torch.nn.Module, batch: Any, keep: bool = True) -> list[torch.Tensor]:
+    """The model's floating outputs on ``batch``; ``keep``: copied, so that a later change of the
+    parameters cannot reach them (an output may alias one). The outputs after the fold are
+    compared at once and not copied (SmolLM2's logits of one 512-token window are 100 MB)."""
     with _eval_mode(model), torch.inference_mode():
-        return [t.float().clone() for t in _tensors(call_model(model, batch)) if t.is_floating_point()]
+        out = [t for t in _tensors(call_model(model, batch)) if t.is_floating_point()]
+        return [t.float().clone() if keep else t.float() for t in out]
 
 
 def _max_rel_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

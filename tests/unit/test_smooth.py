@@ -218,3 +218,19 @@ def test_gptq_with_smoothing_calibrates_once_and_equals_smoothing_first(make):
     # and the guardrail's timing, which does not run the whole model)
     assert len(n_one) == len(data) + 3
     assert len(n_two) == len(data)  # the second model's own calibration pass, after smoothing
+
+
+def test_probe_batch_cuts_token_batches_only():
+    from lowbit.smooth import PROBE_TOKENS, probe_batch
+    ids = torch.arange(2 * 100).reshape(2, 100)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 100, dtype=torch.long), "flag": True}
+    cut = probe_batch(batch)
+    assert cut["input_ids"].shape == (2, PROBE_TOKENS) and torch.equal(cut["input_ids"], ids[:, :PROBE_TOKENS])
+    assert cut["attention_mask"].shape == (2, PROBE_TOKENS) and cut["flag"] is True
+    assert probe_batch(ids).shape == (2, PROBE_TOKENS)
+    floats = torch.randn(2, 100)  # features, not tokens
+    assert probe_batch(floats) is floats
+    odd = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 8, 8)}  # not all (B, T): as it is
+    assert probe_batch(odd) is odd
+    short = {"input_ids": ids[:, :10]}
+    assert probe_batch(short) is short
