@@ -253,14 +253,15 @@ def test_hessian_is_xtx_over_n():
     assert torch.linalg.eigvalsh(h).min().item() > -1e-9
 
 
-def test_hessian_take_finishes_in_place_and_rounds_once():
+def test_hessian_take_empties_and_rounds_once():
     g = torch.Generator().manual_seed(9)
     acc = HessianAccumulator()
     for b in (3, 5):
         acc.update(torch.randn(b, 40, 24, generator=g))
+    assert acc._sum.dtype == torch.float64 and acc._sum.numel() == 24 * 25 // 2  # upper triangle
     twin = acc.copy()
     full = acc.hessian()  # float64, a fresh tensor
-    assert torch.equal(twin.take(), full)  # the same value, finished in the sum's memory
+    assert torch.equal(twin.take(), full)  # the same value
     h = acc.take(torch.float32)
     assert h.dtype == torch.float32 and torch.equal(h, full.float()) and torch.equal(h, h.T)
     with pytest.raises(HessianError, match="seen no rows"):

@@ -9,10 +9,13 @@ Precision and cost: each chunk of at most `CHUNK_ROWS` rows is multiplied in flo
 inputs stay float64) and the chunk's product is added into a float64 sum, so millions of tokens
 add up without float32's loss while the GEMM, which dominates calibration, runs at float32 speed
 (a float64 GEMM took 4x the time at 576 features on an AMD EPYC; a chunk's float32 sum of 4,096
-products has a relative error near 1e-6, far below any damping GPTQ uses). `gram` exposes one
-input's product so that layers fed the same tensor (a transformer's q/k/v projections) share it.
+products has a relative error near 1e-6, far below any damping GPTQ uses). The sum keeps the
+upper triangle only: float64 precision in float32's memory. `gram` exposes one input's product
+so that layers fed the same tensor (a transformer's q/k/v projections) share it.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from ..errors import LowbitError
@@ -27,6 +30,11 @@ class HessianError(LowbitError):
 class HessianAccumulator:
     """``update(x)`` with inputs ``(..., in_features)``; ``hessian()`` -> ``(in, in)`` float64.
 
+    The running sum is the upper triangle of ``X^T X`` (row by row, ``j >= i``) in float64:
+    ``in (in + 1) / 2`` values, the memory of a full float32 matrix, with float64's sums (the
+    lower triangle of each product is the upper one up to rounding, and is not added).
+    `hessian` and `take` mirror it, so the result is exactly symmetric.
+
     >>> acc = HessianAccumulator()
     >>> acc.update(torch.ones(4, 3)); acc.hessian()[0, 0].item(), acc.samples
     (1.0, 4)
@@ -37,7 +45,7 @@ class HessianAccumulator:
             raise HessianError(f"in_features must be a positive integer, found {in_features!r}")
         self.in_features = in_features
         self.samples = 0  # rows (tokens) seen
-        self._sum: torch.Tensor | None = None  # (in, in) float64: sum of x x^T over rows
+        self._sum: torch.Tensor | None = None  # (in (in + 1) / 2,) float64: upper triangle
 
     def update(self, x: torch.Tensor) -> None:
         if isinstance(x, torch.Tensor) and x.dim() and self.in_features not in (None, x.shape[-1]):
@@ -46,36 +54,38 @@ class HessianAccumulator:
         self.add_gram(*gram(x))
 
     def add_gram(self, product: torch.Tensor, rows: int) -> None:
-        """Add a `gram` result: ``(in, in)`` ``X^T X`` of ``rows`` input rows (summed in float64)."""
+        """Add a `gram` result: ``(in, in)`` ``X^T X`` of ``rows`` input rows (its upper triangle,
+        summed in float64)."""
         d = product.shape[-1]
         if self.in_features is None:
             self.in_features = d
-        if d != self.in_features:
+        if product.dim() != 2 or product.shape[0] != d or d != self.in_features:
             raise HessianError(f"HessianAccumulator expects {self.in_features} input features, "
-                               f"found {d}")
+                               f"found a product of shape {tuple(product.shape)}")
+        upper, _ = _triangle(d)
         if self._sum is None:
-            with torch.inference_mode(False):  # a normal tensor: `take` finishes it in place later
-                self._sum = torch.zeros(d, d, dtype=torch.float64)
-        self._sum.add_(product)
+            with torch.inference_mode(False):  # a normal tensor: `take` may reuse it later
+                self._sum = torch.zeros(upper.shape[0], dtype=torch.float64)
+        self._sum.add_(product.reshape(-1).take(upper))
         self.samples += rows
 
     def hessian(self) -> torch.Tensor:
         """``X^T X / n`` (float64, exactly symmetric, a fresh tensor each call)."""
         if self.samples == 0:
             raise HessianError("HessianAccumulator has seen no rows; call update(x) first")
-        return (self._sum + self._sum.T) / (2 * self.samples)
+        return _mirror(self._sum / self.samples, self.in_features, torch.float64)
 
     def take(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """`hessian` in ``dtype``, computed in the running sum's own memory (one transposed copy
-        lives only during the call); the accumulator is empty afterwards. `calibrate.collect`
-        finishes every layer this way, one at a time, in float32 (what GPTQ computes in), so
-        SmolLM2's 210 Hessians end as 0.4 GiB after 0.8 GiB of float64 sums, never both."""
+        """`hessian` in ``dtype`` (divided in float64, rounded once), and the accumulator emptied:
+        `calibrate.collect` finishes its layers one at a time this way, in float32 (what GPTQ
+        computes in), so the sums and the results never all exist at once (SmolLM2's 120
+        distinct Hessians: 0.4 GiB of sums, then 0.4 GiB of results)."""
         if self.samples == 0:
             raise HessianError("HessianAccumulator has seen no rows; call update(x) first")
         total, self._sum = self._sum, None
-        total.add_(total.T.clone()).div_(2 * self.samples)
+        h = _mirror(total.div_(self.samples), self.in_features, dtype)
         self.samples = 0
-        return total.to(dtype)
+        return h
 
     def copy(self) -> "HessianAccumulator":
         """An independent accumulator holding the same sum and row count."""
@@ -86,11 +96,29 @@ class HessianAccumulator:
         return twin
 
 
+@functools.lru_cache(maxsize=8)
+def _triangle(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into a row-major ``(d, d)`` matrix of its upper triangle (``i * d + j``,
+    ``j >= i``, row by row) and of the mirrored lower one (``j * d + i``), int64."""
+    with torch.inference_mode(False):
+        i, j = torch.triu_indices(d, d)
+        return i * d + j, j * d + i
+
+
+def _mirror(upper_values: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The symmetric ``(d, d)`` matrix in ``dtype`` whose upper triangle is ``upper_values``."""
+    upper, lower = _triangle(d)
+    values = upper_values.to(dtype)
+    with torch.inference_mode(False):
+        out = torch.empty(d * d, dtype=dtype)
+        out.index_copy_(0, upper, values).index_copy_(0, lower, values)
+    return out.view(d, d)
+
+
 def gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(X^T X, rows)`` of inputs ``x (..., in)``: ``(in, in)``, the product of one chunk
     (float32, or float64 for float64 inputs) or, above `CHUNK_ROWS` rows, the float64 sum of the
-    chunks' products. Not symmetrized here (a pass over ``in^2`` values per call costs as much as
-    a 576-wide product): `HessianAccumulator.hessian` symmetrizes the sum once."""
+    chunks' products. `HessianAccumulator` adds its upper triangle only."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
         raise HessianError(f"HessianAccumulator takes a floating tensor (..., in_features), found "
                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
