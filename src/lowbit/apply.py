@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS, LayerStats
-from .algorithms.smooth import fold_consumer, fold_producer
+from .algorithms.smooth import check_factors, fold_consumer, fold_producer
 from .errors import QuantizationError
 from .nn import quantized_class
 from .primitives import QuantizedWeight
@@ -223,43 +223,93 @@ class ChannelScale:
 def scale_channels(model: torch.nn.Module, scales: Sequence[ChannelScale],
                    check: Callable[[], None] | None = None) -> None:
     """Fold every ``scales`` entry into the model's parameters, in place (the same Parameter
-    objects, new values). All new values are computed before any is written (a bad entry leaves the
-    model as it was); ``check()`` runs after writing, and if it raises, the old values come back."""
-    staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, new value)
+    objects, new values), all or nothing.
 
-    def now(p: torch.Tensor) -> torch.Tensor:
-        return staged.get(id(p), (p, p))[1]
-
+    Every entry is validated first (modules, shapes, factors, and no consumer weight shared with a
+    module outside its pair). Then the producers' new values are written (their old ones kept:
+    norm weights and the odd Linear, small) and ``check()`` runs with each consumer's input
+    multiplied by its factors (a pre-hook: the fold's effect on the consumer, ``W diag(s) x =
+    W (s * x)``, up to rounding). If it raises, the producers get their old values back and the
+    model is as it was; else the consumers' weights are folded in place. So no copy of the
+    consumers' weights is ever held (SmolLM2: 280 MB, the largest part of smoothing's memory)."""
+    plan = []  # (producer weight, producer bias, factors, {consumer name: module})
     for sc in scales:
         prod = model.get_submodule(sc.producer)
         w, b = getattr(prod, "weight", None), getattr(prod, "bias", None)
         if not isinstance(w, torch.Tensor) or w.dim() not in (1, 2):
             raise QuantizationError(f"{sc.producer}: a smoothing producer needs a per-channel weight "
                                     f"(a norm's (C,) or a Linear's (C, K)), found {type(prod).__name__}")
-        new_w, new_b = fold_producer(now(w), None if b is None else now(b), sc.factors, sc.producer)
-        staged[id(w)] = (w, new_w)
-        if b is not None:
-            staged[id(b)] = (b, new_b)
+        check_factors(sc.factors, w.shape[0], sc.producer)
+        consumers = {}
         for name in sc.consumers:
             cons = model.get_submodule(name)
             if not isinstance(cons, torch.nn.Linear):
                 raise QuantizationError(f"{name}: a smoothing consumer must be a torch.nn.Linear, "
                                         f"found {type(cons).__name__}")
-            staged[id(cons.weight)] = (cons.weight, fold_consumer(now(cons.weight), sc.factors, name))
-    old = [(p, p.detach().clone()) for p, _ in staged.values()]
-    with torch.no_grad():
-        for p, new in staged.values():
-            p.copy_(new)
-    staged.clear()  # the new values live in the parameters now; only the old ones are kept
-    if check is None:
-        return
+            check_factors(sc.factors, cons.in_features, name)
+            consumers[name] = cons
+        plan.append((w, b, sc.factors, consumers))
+    _check_unshared(model, scales)
+    old: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, old value)
     try:
-        check()
+        for w, b, factors, _ in plan:
+            new_w, new_b = fold_producer(w, b, factors)  # (validated above: cannot raise)
+            for p, new in ((w, new_w), (b, new_b)):
+                if p is not None:
+                    old.setdefault(id(p), (p, p.detach().clone()))
+                    with torch.no_grad():
+                        p.copy_(new)
+        if check is not None:
+            with _inputs_scaled([(list(consumers.values()), factors)
+                                 for _, _, factors, consumers in plan]):
+                check()
     except BaseException:
         with torch.no_grad():
-            for p, value in old:
+            for p, value in old.values():
                 p.copy_(value)
         raise
+    for _, _, factors, consumers in plan:
+        for name, cons in consumers.items():
+            with torch.no_grad():
+                cons.weight.copy_(fold_consumer(cons.weight, factors, name))
+
+
+def _check_unshared(model: torch.nn.Module, scales: Sequence[ChannelScale]) -> None:
+    """Refuse a consumer weight that another module also holds (tied weights): folding it would
+    change that module too."""
+    holders: dict[int, list[str]] = {}  # a parameter's first element's address -> its modules
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.numel() and p.data_ptr():
+            holders.setdefault(p.data_ptr(), []).append(name.rsplit(".", 1)[0] if "." in name else "")
+    for sc in scales:
+        for name in sc.consumers:
+            weight = model.get_submodule(name).weight
+            others = [h for h in holders.get(weight.data_ptr(), []) if h != name]
+            if others:
+                raise QuantizationError(f"{name}: its weight is shared with {others}; smoothing "
+                                        "would change them too")
+
+
+@contextlib.contextmanager
+def _inputs_scaled(groups: list[tuple[list[torch.nn.Module], torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each module's first input is multiplied by its factors (C,)."""
+    def hook_for(factors: torch.Tensor) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+            if args:
+                return (args[0] * factors.to(args[0].dtype),) + tuple(args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: kwargs[key] * factors.to(kwargs[key].dtype)}
+        return hook
+
+    handles = []
+    try:
+        for modules, factors in groups:
+            for m in modules:
+                handles.append(m.register_forward_pre_hook(hook_for(factors), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def swap_modules(model: torch.nn.Module, new: dict[str, torch.nn.Module]) -> dict[str, str]:

@@ -158,6 +158,43 @@ def test_scale_channels_undoes_everything_when_the_check_fails():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+def test_scale_channels_checks_the_folded_function_and_folds_consumers_after():
+    model = tiny_llama()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    s = torch.linspace(0.5, 2.0, 16, dtype=torch.float64)
+    names = tuple(f"model.layers.0.self_attn.{x}_proj" for x in "qkv")
+    old = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    seen = {}
+
+    def check() -> None:  # runs on the folded function, consumers not yet rewritten
+        with torch.no_grad():
+            seen["err"] = rel_err(before, model(ids).logits)
+        seen["q"] = torch.equal(model.get_submodule(names[0]).weight, old[names[0]])
+
+    scale_channels(model, [ChannelScale("model.layers.0.input_layernorm", names, s)], check)
+    assert seen["q"] and 0 < seen["err"] < FLOAT_RTOL
+    for n in names:  # the same values fold_consumer gives
+        assert torch.equal(model.get_submodule(n).weight, fold_consumer(old[n], s, n))
+    with torch.no_grad():
+        assert rel_err(before, model(ids).logits) < FLOAT_RTOL
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_scale_channels_refuses_a_consumer_weight_shared_with_another_module():
+    model = tiny_llama()
+    q, k = (model.get_submodule(f"model.layers.0.self_attn.{x}_proj") for x in "qk")
+    model.model.layers[1].self_attn.q_proj.weight = q.weight  # tied: the same Parameter
+    state = {k_: v.clone() for k_, v in model.state_dict().items()}
+    scale = ChannelScale("model.layers.0.input_layernorm", ("model.layers.0.self_attn.q_proj",),
+                         torch.full((16,), 2.0, dtype=torch.float64))
+    with pytest.raises(lowbit.errors.QuantizationError, match=r"shared with \['model.layers.1.self_attn.q_proj'\]"):
+        scale_channels(model, [scale])
+    assert all(torch.equal(state[k_], v) for k_, v in model.state_dict().items())
+    assert k.weight is not q.weight
+
+
 def test_quantize_smooth_reads_a_generator_once_and_smooths_first():
     model, data = tiny_llama(), token_batches(2)
     q = lowbit.quantize(model, "w8", data=(b for b in data), smooth=0.5, verbose=False)

@@ -61,7 +61,9 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return torch.where(live, s, torch.ones_like(s)).clamp(MIN_FACTOR, 1.0 / MIN_FACTOR)
 
 
-def _check_factors(s: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+def check_factors(s: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    """``s`` as float64 (channels,), or `SmoothError` if its size is wrong or a factor is not
+    finite and > 0."""
     s = s.double().reshape(-1)
     if s.numel() != channels:
         raise SmoothError(f"{what}: {channels} channels but {s.numel()} smoothing factors")
@@ -74,7 +76,7 @@ def fold_producer(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tens
                   name: str = "producer") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Divide output channel ``j`` by ``s_j``: a norm's weight (C,) or a Linear's rows (C, K), and
     the bias (C,). Returns new tensors in the inputs' dtypes."""
-    s = _check_factors(s, weight.shape[0], name)
+    s = check_factors(s, weight.shape[0], name)
     per_row = s.reshape(-1, *([1] * (weight.dim() - 1)))  # (C,) or (C, 1)
     new_w = (weight.detach().double() / per_row).to(weight.dtype)
     new_b = None if bias is None else (bias.detach().double() / s).to(bias.dtype)
@@ -85,5 +87,5 @@ def fold_consumer(weight: torch.Tensor, s: torch.Tensor, name: str = "consumer")
     """Multiply input column ``j`` of a Linear weight (N, C) by ``s_j``; a new tensor, same dtype."""
     if weight.dim() != 2:
         raise SmoothError(f"{name}: a consumer weight must be 2-D (out, in), found {tuple(weight.shape)}")
-    s = _check_factors(s, weight.shape[1], name)
+    s = check_factors(s, weight.shape[1], name)
     return (weight.detach().double() * s.reshape(1, -1)).to(weight.dtype)  # (N, C) * (1, C)
