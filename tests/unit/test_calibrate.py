@@ -258,7 +258,6 @@ def test_hessian_take_empties_and_rounds_once():
     acc = HessianAccumulator()
     for b in (3, 5):
         acc.update(torch.randn(b, 40, 24, generator=g))
-    assert acc._sum.dtype == torch.float64 and acc._sum.numel() == 24 * 25 // 2  # upper triangle
     twin = acc.copy()
     full = acc.hessian()  # float64, a fresh tensor
     assert torch.equal(twin.take(), full)  # the same value
@@ -266,6 +265,22 @@ def test_hessian_take_empties_and_rounds_once():
     assert h.dtype == torch.float32 and torch.equal(h, full.float()) and torch.equal(h, h.T)
     with pytest.raises(HessianError, match="seen no rows"):
         acc.take()  # emptied: nothing is held twice
+
+
+def test_hessian_sum_is_upper_triangle_slabs_mirrored_exactly():
+    from lowbit.calibrate.hessian import BAND
+    d = 2 * BAND + 44  # three slabs: 128 x 300, 128 x 172, 44 x 44
+    g = torch.Generator().manual_seed(10)
+    parts = [1000.0 + torch.randn(b, 50, d, generator=g, dtype=torch.float64) for b in (1, 2)]  # float64: exact
+    acc = HessianAccumulator()
+    for p in parts:
+        acc.update(p)
+    assert [tuple(t.shape) for t in acc._sum] == [(BAND, d), (BAND, d - BAND), (44, 44)]
+    assert all(t.dtype == torch.float64 for t in acc._sum)
+    x = torch.cat([p.reshape(-1, d) for p in parts])  # (150, d)
+    h = acc.hessian()
+    assert torch.equal(h, h.T) and torch.allclose(h, x.T @ x / 150, rtol=1e-13, atol=0)
+    assert torch.equal(acc.take(torch.float32), h.float())
 
 
 def test_hessian_errors():

@@ -10,12 +10,10 @@ inputs stay float64) and the chunk's product is added into a float64 sum, so mil
 add up without float32's loss while the GEMM, which dominates calibration, runs at float32 speed
 (a float64 GEMM took 4x the time at 576 features on an AMD EPYC; a chunk's float32 sum of 4,096
 products has a relative error near 1e-6, far below any damping GPTQ uses). The sum keeps the
-upper triangle only: float64 precision in float32's memory. `gram` exposes one input's product
+upper triangle only, in slabs of rows: float64 precision in float32's memory. `gram` exposes one input's product
 so that layers fed the same tensor (a transformer's q/k/v projections) share it.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 from ..errors import LowbitError
@@ -27,13 +25,17 @@ class HessianError(LowbitError):
     """A bad input to, or an empty, `HessianAccumulator`."""
 
 
+BAND = 128  # rows per slab of the running sum's upper triangle
+
+
 class HessianAccumulator:
     """``update(x)`` with inputs ``(..., in_features)``; ``hessian()`` -> ``(in, in)`` float64.
 
-    The running sum is the upper triangle of ``X^T X`` (row by row, ``j >= i``) in float64:
-    ``in (in + 1) / 2`` values, the memory of a full float32 matrix, with float64's sums (the
-    lower triangle of each product is the upper one up to rounding, and is not added).
-    `hessian` and `take` mirror it, so the result is exactly symmetric.
+    The running sum is the upper triangle of ``X^T X`` in float64, held as slabs of `BAND` rows
+    (slab ``k``: rows ``[kB, kB + B)``, columns ``[kB, in)``): about ``in^2 / 2`` values, the
+    memory of a full float32 matrix, with float64's sums. The lower triangle of each product is
+    the upper one up to rounding and is not added; `hessian` and `take` mirror the upper one, so
+    the result is exactly symmetric.
 
     >>> acc = HessianAccumulator()
     >>> acc.update(torch.ones(4, 3)); acc.hessian()[0, 0].item(), acc.samples
@@ -45,7 +47,7 @@ class HessianAccumulator:
             raise HessianError(f"in_features must be a positive integer, found {in_features!r}")
         self.in_features = in_features
         self.samples = 0  # rows (tokens) seen
-        self._sum: torch.Tensor | None = None  # (in (in + 1) / 2,) float64: upper triangle
+        self._sum: list[torch.Tensor] | None = None  # float64 slabs of the upper triangle
 
     def update(self, x: torch.Tensor) -> None:
         if isinstance(x, torch.Tensor) and x.dim() and self.in_features not in (None, x.shape[-1]):
@@ -62,28 +64,29 @@ class HessianAccumulator:
         if product.dim() != 2 or product.shape[0] != d or d != self.in_features:
             raise HessianError(f"HessianAccumulator expects {self.in_features} input features, "
                                f"found a product of shape {tuple(product.shape)}")
-        upper, _ = _triangle(d)
         if self._sum is None:
-            with torch.inference_mode(False):  # a normal tensor: `take` may reuse it later
-                self._sum = torch.zeros(upper.shape[0], dtype=torch.float64)
-        self._sum.add_(product.reshape(-1).take(upper))
+            with torch.inference_mode(False):  # normal tensors: `take` may reuse them later
+                self._sum = [torch.zeros(min(BAND, d - r0), d - r0, dtype=torch.float64)
+                             for r0 in range(0, d, BAND)]
+        for slab, r0 in zip(self._sum, range(0, d, BAND)):
+            slab.add_(product[r0:r0 + BAND, r0:])
         self.samples += rows
 
     def hessian(self) -> torch.Tensor:
         """``X^T X / n`` (float64, exactly symmetric, a fresh tensor each call)."""
         if self.samples == 0:
             raise HessianError("HessianAccumulator has seen no rows; call update(x) first")
-        return _mirror(self._sum / self.samples, self.in_features, torch.float64)
+        return _mirror(self._sum, self.samples, self.in_features, torch.float64, keep=True)
 
     def take(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """`hessian` in ``dtype`` (divided in float64, rounded once), and the accumulator emptied:
-        `calibrate.collect` finishes its layers one at a time this way, in float32 (what GPTQ
-        computes in), so the sums and the results never all exist at once (SmolLM2's 120
-        distinct Hessians: 0.4 GiB of sums, then 0.4 GiB of results)."""
+        """`hessian` in ``dtype`` (divided in float64, rounded once), and the accumulator emptied
+        slab by slab: `calibrate.collect` finishes its layers one at a time this way, in float32
+        (what GPTQ computes in), so the sums and the results never all exist at once (SmolLM2's
+        120 distinct Hessians: 0.4 GiB of sums, then 0.4 GiB of results)."""
         if self.samples == 0:
             raise HessianError("HessianAccumulator has seen no rows; call update(x) first")
-        total, self._sum = self._sum, None
-        h = _mirror(total.div_(self.samples), self.in_features, dtype)
+        slabs, self._sum = self._sum, None
+        h = _mirror(slabs, self.samples, self.in_features, dtype, keep=False)
         self.samples = 0
         return h
 
@@ -92,27 +95,26 @@ class HessianAccumulator:
         twin = HessianAccumulator(self.in_features)
         twin.samples = self.samples
         with torch.inference_mode(False):
-            twin._sum = None if self._sum is None else self._sum.clone()
+            twin._sum = None if self._sum is None else [slab.clone() for slab in self._sum]
         return twin
 
 
-@functools.lru_cache(maxsize=8)
-def _triangle(d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices into a row-major ``(d, d)`` matrix of its upper triangle (``i * d + j``,
-    ``j >= i``, row by row) and of the mirrored lower one (``j * d + i``), int64."""
+def _mirror(slabs: list[torch.Tensor], n: int, d: int, dtype: torch.dtype,
+            keep: bool) -> torch.Tensor:
+    """The symmetric ``(d, d)`` matrix in ``dtype`` of the upper-triangle slabs divided by ``n``
+    (in float64, then rounded once); ``keep=False`` empties ``slabs`` as it goes."""
     with torch.inference_mode(False):
-        i, j = torch.triu_indices(d, d)
-        return i * d + j, j * d + i
-
-
-def _mirror(upper_values: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """The symmetric ``(d, d)`` matrix in ``dtype`` whose upper triangle is ``upper_values``."""
-    upper, lower = _triangle(d)
-    values = upper_values.to(dtype)
-    with torch.inference_mode(False):
-        out = torch.empty(d * d, dtype=dtype)
-        out.index_copy_(0, upper, values).index_copy_(0, lower, values)
-    return out.view(d, d)
+        out = torch.empty(d, d, dtype=dtype)
+        for r0 in range(0, d, BAND):
+            part = (slabs[r0 // BAND] / n).to(dtype)  # (b, d - r0)
+            if not keep:
+                slabs[r0 // BAND] = None
+            b = part.shape[0]
+            square = part[:, :b]
+            out[r0:r0 + b, r0:r0 + b] = torch.triu(square) + torch.triu(square, 1).T
+            out[r0:r0 + b, r0 + b:] = part[:, b:]
+            out[r0 + b:, r0:r0 + b] = part[:, b:].T
+    return out
 
 
 def gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
