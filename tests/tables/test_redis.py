@@ -129,3 +129,23 @@ def test_cluster_push_and_lookup(redis_cluster, table):
     # the rows really are spread: every node holds some buckets
     held = [int(s.cli("DBSIZE").strip()) for s in redis_cluster]
     assert all(h > 0 for h in held), held
+
+
+def test_a_shared_table_answers_while_another_thread_caches_an_older_version(redis_server, tmp_path):
+    # a server's threads share one table: a thread still on the old version caches that version's
+    # metadata in the middle of another thread's lookup; the lookup must not take it for its own
+    url = redis_server.url + "?name=shared"
+    v1 = push(constant_table(tmp_path, 1.0), url, grace_s=60)  # v1 stays readable
+    t = open_table(url)
+    keys = np.arange(0, 500, 5)
+    assert np.all(t.lookup(keys) == 1.0)
+    v2 = push(constant_table(tmp_path, 2.0), url, grace_s=60)
+    fetch = t._fetch
+
+    def racing_fetch(*args):
+        t.meta(v1)  # the other thread
+        return fetch(*args)
+
+    t._fetch = racing_fetch
+    rows, version = t.lookup_versioned(keys)
+    assert version == v2 and np.all(rows == 2.0)

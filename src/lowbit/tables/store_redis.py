@@ -183,8 +183,10 @@ class RedisTable:
 
     def __init__(self, client, name: str, where: str = "redis") -> None:
         self.client, self.name, self.where = client, name, where
-        self._meta: dict[int, dict] = {}
-        self._raw: dict[int, bytes] = {}  # the metadata as stored: a push's identity
+        # (version, metadata, metadata as stored: a push's identity), replaced as one tuple: the
+        # table is shared by a server's threads, and one thread must never compare its fetch
+        # against metadata another thread cached for a different version
+        self._cached: tuple[int, dict, bytes] | None = None
         self._version: int | None = None
 
     @classmethod
@@ -204,7 +206,7 @@ class RedisTable:
                                    f"({type(exc).__name__}: {exc})") from None
 
     def _forget(self) -> None:
-        self._meta, self._raw, self._version = {}, {}, None
+        self._cached, self._version = None, None
 
     def version(self) -> int:
         raw = self._call(self.client.get, _k(self.name, "current"))
@@ -213,13 +215,19 @@ class RedisTable:
         return int(raw)
 
     def meta(self, version: int | None = None) -> dict:
-        version = self.version() if version is None else version
-        if version not in self._meta:
-            raw = self._call(self.client.get, _k(self.name, f"meta:{version}"))
-            if raw is None:
-                raise TableError(f"{self.where}: table {self.name!r} version {version} has no metadata")
-            self._meta, self._raw = {version: json.loads(raw)}, {version: raw}  # keep one
-        return self._meta[version]
+        return self._meta_of(self.version() if version is None else version)[0]
+
+    def _meta_of(self, version: int) -> tuple[dict, bytes]:
+        """(metadata, its stored bytes) of ``version``, cached for one version at a time."""
+        cached = self._cached  # one read: another thread may replace it meanwhile
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        raw = self._call(self.client.get, _k(self.name, f"meta:{version}"))
+        if raw is None:
+            raise TableError(f"{self.where}: table {self.name!r} version {version} has no metadata")
+        meta = json.loads(raw)
+        self._cached = (version, meta, raw)
+        return meta, raw
 
     @property
     def dim(self) -> int:
@@ -234,9 +242,9 @@ class RedisTable:
         """`lookup` plus the version number that answered (a server reports it per request)."""
         version = self._version if self._version is not None else self.version()
         for _ in range(MAX_VERSION_TRIES):
-            meta = self.meta(version)
+            meta, stored = self._meta_of(version)
             current, raw, values = self._call(self._fetch, keys, version, meta, pipelined)
-            if current == version and raw == self._raw.get(version):
+            if current == version and raw == stored:
                 self._version = version
                 return self._decode(keys, values, meta, on_missing, default), version
             if current is None:
