@@ -23,6 +23,7 @@ import argparse
 import copy
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -105,7 +106,7 @@ def main() -> None:
            "--calibration", "plays.txt", "--samples", str(args.samples), "--seq-len", "512",
            "--smooth", str(args.smooth), "--group-fallback", "--out", out]
     cmd += ["--sequential"] if args.sequential else []
-    subprocess.run(["rm", "-rf", out], cwd=folder, check=True)
+    shutil.rmtree(folder / out, ignore_errors=True)
     wall, peak = timed(cmd, folder, env, folder / f"{out}.log")
     float_ppl, q_ppl = (perplexity(lowbit, "smol", folder, env), perplexity(lowbit, out, folder, env))
     model_mib = (folder / "smol" / "model.safetensors").stat().st_size / 2**20
